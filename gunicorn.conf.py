@@ -1,0 +1,25 @@
+"""gunicorn settings for k8s_exporter, read when gunicorn starts in this folder.
+
+`gunicorn k8s_exporter:app` here serves like `make run`; flags on the command
+line override these.
+"""
+import os
+import sys
+
+bind = ['0.0.0.0:9201']
+# One worker: the store is in the worker's memory. Threads let a scrape run
+# while writes are applied and keep one slow client from holding the worker.
+workers = 1
+worker_class = 'gthread'
+threads = 8
+# A write of the largest allowed body decodes in well under a second; a
+# client that stalls longer than this is cut off.
+timeout = 60
+graceful_timeout = 30
+keepalive = 75   # longer than Prometheus's idle connection reuse
+
+
+def on_starting(server):
+    """Check the environment once, before forking, and say what is wrong in one line."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import k8s_exporter  # noqa: F401 -- importing it validates K8S_EXPORTER_*
