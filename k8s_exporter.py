@@ -21,7 +21,7 @@ Environment, read and checked once at start-up:
     K8S_EXPORTER_TTL_SECONDS        300           forget an input series not received for this long
     K8S_EXPORTER_MAX_BODY_BYTES     10485760      largest accepted write body, compressed
     K8S_EXPORTER_MAX_DECODED_BYTES  67108864      largest accepted write body, decompressed
-    K8S_EXPORTER_MAX_SERIES         1000000       most input series held; new ones past it are refused
+    K8S_EXPORTER_MAX_SERIES         1000000       most input series held; new ones are refused
     K8S_EXPORTER_METRICS            (the five)    comma list of cAdvisor gauges to export
     K8S_EXPORTER_LISTEN             0.0.0.0:9201  address for `python3 k8s_exporter.py`
 """
@@ -115,7 +115,8 @@ def _env_number(environ, name, default, kind):
     try:
         value = kind(raw)
     except ValueError:
-        raise ConfigError(f'{name}={raw!r}: not a{"n integer" if kind is int else " number"}') from None
+        expected = 'an integer' if kind is int else 'a number'
+        raise ConfigError(f'{name}={raw!r}: not {expected}') from None
     if not (value > 0 and math.isfinite(value)):
         raise ConfigError(f'{name}={raw!r}: must be greater than 0')
     return value
@@ -408,10 +409,10 @@ def pod_series_identity(labels, default_cluster):
         pod = labels.get(pod_label)
         namespace = labels.get(namespace_label)
         if pod and namespace:
+            container = labels.get(container_label, '')
             break
     else:
         return None
-    container = labels.get(container_label, '')
     cgroup = labels.get('id', '')
     pod_cgroup = not container and (
         not cgroup or POD_CGROUP_SEGMENT_RE.search(cgroup.rpartition('/')[2]) is not None)
@@ -771,7 +772,8 @@ def render_self_metrics(snapshot, process):
            [('', len(snapshot.pods))])
     family('k8s_exporter_samples_ignored_total', 'counter',
            'Samples received and not stored, by reason.',
-           [(f'{{reason="{reason}"}}', count) for reason, count in sorted(counters.ignored.items())])
+           [(f'{{reason="{reason}"}}', count)
+            for reason, count in sorted(counters.ignored.items())])
     family('k8s_exporter_samples_received_total', 'counter',
            'Samples received in write requests, of all metrics.',
            [('', counters.samples_received)])
