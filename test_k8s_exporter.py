@@ -389,3 +389,521 @@ def test_seed_exposition_in_this_file_is_the_seeds_own_block():
     block = [line for line in seed_lines[start:] if line.startswith(
         ('container_', '# HELP container_', '# TYPE container_'))]
     assert '\n'.join(block) + '\n' == SEED_EXPOSITION
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+def test_config_defaults_are_the_documented_ones():
+    config = Config.from_environ({})
+    assert config == Config(cluster='k8s-cluster', ttl_seconds=300.0,
+                            max_body_bytes=10 * 1024 * 1024, max_decoded_bytes=64 * 1024 * 1024,
+                            max_series=1_000_000, metrics=tuple(sorted(k8s_exporter.SEED_HELP)),
+                            listen='0.0.0.0:9201')
+
+
+def test_config_reads_every_variable():
+    config = Config.from_environ({
+        'K8S_EXPORTER_CLUSTER': 'prod-eu', 'K8S_EXPORTER_TTL_SECONDS': '2.5',
+        'K8S_EXPORTER_MAX_BODY_BYTES': '1000', 'K8S_EXPORTER_MAX_DECODED_BYTES': '2000',
+        'K8S_EXPORTER_MAX_SERIES': '30', 'K8S_EXPORTER_LISTEN': '127.0.0.1:9300',
+        'K8S_EXPORTER_METRICS': 'container_memory_rss, container_memory_usage_bytes,'})
+    assert config == Config(cluster='prod-eu', ttl_seconds=2.5, max_body_bytes=1000,
+                            max_decoded_bytes=2000, max_series=30, listen='127.0.0.1:9300',
+                            metrics=('container_memory_rss', 'container_memory_usage_bytes'))
+
+
+@pytest.mark.parametrize('name, value, message', [
+    ('K8S_EXPORTER_TTL_SECONDS', 'abc', "K8S_EXPORTER_TTL_SECONDS='abc': not a number"),
+    ('K8S_EXPORTER_TTL_SECONDS', '0', "K8S_EXPORTER_TTL_SECONDS='0': must be greater than 0"),
+    ('K8S_EXPORTER_TTL_SECONDS', 'nan', "K8S_EXPORTER_TTL_SECONDS='nan': must be greater than 0"),
+    ('K8S_EXPORTER_MAX_BODY_BYTES', '1.5', "K8S_EXPORTER_MAX_BODY_BYTES='1.5': not an integer"),
+    ('K8S_EXPORTER_MAX_SERIES', '-1', "K8S_EXPORTER_MAX_SERIES='-1': must be greater than 0"),
+    ('K8S_EXPORTER_CLUSTER', ' ', 'K8S_EXPORTER_CLUSTER is set but empty'),
+    ('K8S_EXPORTER_METRICS', 'container memory', "K8S_EXPORTER_METRICS: 'container memory' is "
+                                                 "not a valid metric name"),
+    ('K8S_EXPORTER_METRICS', ',', "K8S_EXPORTER_METRICS=',': names no metric"),
+    ('K8S_EXPORTER_LISTEN', '9201', "K8S_EXPORTER_LISTEN='9201': expected HOST:PORT"),
+])
+def test_config_rejects_a_bad_value_naming_the_variable(name, value, message):
+    with pytest.raises(ConfigError) as raised:
+        Config.from_environ({name: value})
+    assert str(raised.value) == message
+
+
+def test_metrics_variable_replaces_the_five_and_unknown_names_get_a_generic_help():
+    app = fresh_app(metrics=('container_memory_rss', 'container_memory_usage_bytes'))
+    table = [(cadvisor('container_memory_rss', 'ns', 'p'), [(7, 1)]),
+             (cadvisor('container_memory_usage_bytes', 'ns', 'p'), [(8, 1)]),
+             (cadvisor('container_fs_usage_bytes', 'ns', 'p', 'c', '/x/pod1/c'), [(9, 1)])]
+    assert call_wsgi(app, 'POST', '/write', rw1_body(table))[0] == 204
+    assert pod_families(call_wsgi(app, 'GET', '/metrics')[2].decode()) == (
+        '# HELP container_memory_rss cAdvisor container_memory_rss, one value per pod\n'
+        '# TYPE container_memory_rss gauge\n'
+        'container_memory_rss{cluster="k8s-cluster",item="container_memory_rss",'
+        'job="kubernetes-cadvisor",namespace="ns",pod="p"} 7\n'
+        '# HELP container_memory_usage_bytes The current memory usage of the container '
+        '(unit: bytes)\n'
+        '# TYPE container_memory_usage_bytes gauge\n'
+        'container_memory_usage_bytes{cluster="k8s-cluster",item="container_memory_usage_bytes",'
+        'job="kubernetes-cadvisor",namespace="ns",pod="p"} 8\n')
+
+
+###############################################################################
+# Remote-write decoding #######################################################
+###############################################################################
+
+@pytest.mark.parametrize('content_type, encoding, protocol', [
+    ('', '', PROTO_RW1),
+    ('application/x-protobuf', 'snappy', PROTO_RW1),
+    ('application/x-protobuf;proto=prometheus.WriteRequest', '', PROTO_RW1),
+    ('application/x-protobuf; proto=io.prometheus.write.v2.Request', 'snappy', PROTO_RW2),
+    ('Application/X-Protobuf;proto="io.prometheus.write.v2.Request"', 'SNAPPY', PROTO_RW2),
+])
+def test_protocol_is_negotiated_from_content_type_like_prometheus(content_type, encoding,
+                                                                  protocol):
+    assert negotiate_protocol(content_type, encoding) == protocol
+
+
+@pytest.mark.parametrize('content_type, encoding, reason', [
+    ('application/json', 'snappy',
+     "unsupported Content-Type 'application/json'; expected application/x-protobuf"),
+    ('application/x-protobuf;proto=io.prometheus.write.v3.Request', 'snappy',
+     "unsupported proto 'io.prometheus.write.v3.Request'; expected prometheus.WriteRequest "
+     "or io.prometheus.write.v2.Request"),
+    ('application/x-protobuf', 'gzip', "unsupported Content-Encoding 'gzip'; expected snappy"),
+    ('application/x-protobuf', 'zstd', "unsupported Content-Encoding 'zstd'; expected snappy"),
+])
+def test_unsupported_content_type_proto_or_encoding_is_415(content_type, encoding, reason):
+    with pytest.raises(RequestError) as raised:
+        negotiate_protocol(content_type, encoding)
+    assert (raised.value.status, raised.value.reason) == (415, reason)
+
+
+def test_decoded_size_over_the_limit_is_413_before_decompressing():
+    # A 5-byte header announcing 2**32-1 bytes and no data: decompressing
+    # would fail or allocate; the limit must answer first.
+    with pytest.raises(RequestError) as raised:
+        k8s_exporter.decompress_body(b'\xff\xff\xff\xff\x0f', 1000)
+    assert (raised.value.status, raised.value.reason) == (
+        413, 'decoded body of 4294967295 bytes exceeds the limit of 1000')
+
+
+def test_rw1_decoding_keeps_only_exported_metrics_with_a_pod():
+    table = seed_table(timestamp=5)
+    decoded = decode_write_request(rw1_body(table, compress=False), PROTO_RW1,
+                                   {'container_memory_usage_bytes': 0}, 'k8s-cluster')
+    assert decoded.samples_total == len(table)
+    assert decoded.no_pod == 1            # the node's root cgroup
+    assert decoded.unexported == len(table) - len(SEED_PODS) - 1
+    assert [(s.pod.pod, s.metric, s.timestamp_ms, s.value) for s in decoded.samples] == [
+        (pod, 0, 5, memory) for _, pod, *_, memory in SEED_PODS]
+
+
+def test_rw2_decoding_gives_the_same_samples_as_rw1():
+    table = seed_table(timestamp=5)
+    wanted = {name: index for index, name in enumerate(k8s_exporter.DEFAULT_METRICS)}
+    rw1 = decode_write_request(rw1_body(table, compress=False), PROTO_RW1, wanted, 'c')
+    rw2 = decode_write_request(rw2_body(table, compress=False), PROTO_RW2, wanted, 'c')
+    assert rw2 == rw1
+    assert len(rw1.samples) == 5 * len(SEED_PODS)
+
+
+def test_label_named_before___name___is_still_found():
+    # Upper-case label names sort before "__name__".
+    labels = {**cadvisor('container_memory_usage_bytes', 'ns', 'p'), 'Zone': 'a'}
+    for build, protocol in ((rw1_body, PROTO_RW1), (rw2_body, PROTO_RW2)):
+        decoded = decode_write_request(build([(labels, [(3, 1)])], compress=False), protocol,
+                                       {'container_memory_usage_bytes': 0}, 'c')
+        assert [sample.value for sample in decoded.samples] == [3]
+
+
+###############################################################################
+# cAdvisor series to pods #####################################################
+###############################################################################
+
+@pytest.mark.parametrize('labels, pod, series', [
+    # kubelet >= 1.16, pod cgroup and a container
+    ({'namespace': 'ns', 'pod': 'p', 'container': '', 'id': '/kubepods/burstable/podab-12'},
+     PodKey('k8s-cluster', '', 'ns', 'p'),
+     SeriesKey(True, '', '/kubepods/burstable/podab-12', '', '')),
+    ({'namespace': 'ns', 'pod': 'p', 'container': 'app', 'id': '/kubepods/podab/0f',
+      'image': 'nginx', 'device': '/dev/sda', 'job': 'j', 'cluster': 'east'},
+     PodKey('east', 'j', 'ns', 'p'), SeriesKey(False, 'app', '/kubepods/podab/0f', 'nginx',
+                                               '/dev/sda')),
+    # kubelet < 1.16
+    ({'namespace': 'ns', 'pod_name': 'p', 'container_name': 'POD', 'id': '/kubepods/podab/1'},
+     PodKey('k8s-cluster', '', 'ns', 'p'), SeriesKey(False, 'POD', '/kubepods/podab/1', '', '')),
+    # standalone cAdvisor
+    ({'container_label_io_kubernetes_pod_namespace': 'ns',
+      'container_label_io_kubernetes_pod_name': 'p',
+      'container_label_io_kubernetes_container_name': 'app', 'id': '/docker/0f'},
+     PodKey('k8s-cluster', '', 'ns', 'p'), SeriesKey(False, 'app', '/docker/0f', '', '')),
+    # systemd driver: the pod slice is the pod cgroup, a scope below it is a container
+    ({'namespace': 'ns', 'pod': 'p',
+      'id': '/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podab_12.slice'},
+     PodKey('k8s-cluster', '', 'ns', 'p'),
+     SeriesKey(True, '', '/kubepods.slice/kubepods-besteffort.slice/'
+                         'kubepods-besteffort-podab_12.slice', '', '')),
+    # containerd pause: no container label, but an id one level below the pod
+    ({'namespace': 'ns', 'pod': 'p', 'id': '/kubepods/besteffort/podab/0f0f', 'image': 'pause'},
+     PodKey('k8s-cluster', '', 'ns', 'p'),
+     SeriesKey(False, '', '/kubepods/besteffort/podab/0f0f', 'pause', '')),
+])
+def test_pod_identity_in_each_label_convention(labels, pod, series):
+    assert pod_series_identity(labels, 'k8s-cluster') == (pod, series)
+
+
+@pytest.mark.parametrize('labels', [
+    {'id': '/'},
+    {'id': '/system.slice/docker.service'},
+    {'namespace': '', 'pod_name': '', 'container_name': '', 'id': '/kubepods/burstable/podab'},
+    {'name': 'some-docker-container', 'id': '/docker/0f', 'image': 'redis'},
+    {'namespace': 'ns', 'pod': ''},
+])
+def test_series_without_pod_identity_are_not_exported(labels):
+    assert pod_series_identity(labels, 'k8s-cluster') is None
+
+
+def series_map(*entries):
+    """{SeriesKey: (ts, value, received)} from (pod_cgroup, container, device, value)."""
+    return {SeriesKey(pod_cgroup, container, f'/{container}', '', device): (1, value, 0.0)
+            for pod_cgroup, container, device, value in entries}
+
+
+def test_pod_cgroup_series_wins_over_container_sum():
+    series = series_map((True, '', '', 100.0), (False, 'POD', '', 1.0), (False, 'app', '', 2.0))
+    assert pod_value(k8s_exporter.RULE_POD_CGROUP, series) == 100.0
+
+
+def test_without_pod_cgroup_the_containers_are_summed_pause_included():
+    series = series_map((False, 'POD', '', 1.0), (False, 'app', '', 2.0), (False, 'b', '', 4.0))
+    assert pod_value(k8s_exporter.RULE_POD_CGROUP, series) == 7.0
+
+
+def test_fs_usage_sums_containers_and_devices():
+    series = series_map((False, 'POD', '/dev/a', 1.0), (False, 'app', '/dev/a', 2.0),
+                        (False, 'app', '/dev/b', 4.0), (True, '', '/dev/a', 100.0))
+    assert pod_value(k8s_exporter.RULE_SUM, series) == 7.0
+
+
+def test_fs_limit_counts_each_device_once():
+    series = series_map((False, 'POD', '/dev/a', 10.0), (False, 'app', '/dev/a', 10.0),
+                        (False, 'app', '/dev/b', 5.0))
+    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) == 15.0
+
+
+def test_fs_rules_without_container_series_give_no_value():
+    series = series_map((True, '', '/dev/a', 10.0))
+    assert pod_value(k8s_exporter.RULE_SUM, series) is None
+    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) is None
+    assert pod_value(k8s_exporter.RULE_POD_CGROUP, {}) is None
+
+
+def test_aggregation_rule_per_metric_name():
+    assert [k8s_exporter.aggregation_rule(name) for name in k8s_exporter.DEFAULT_METRICS] == [
+        'pod_cgroup', 'device', 'sum', 'pod_cgroup', 'pod_cgroup']
+    assert k8s_exporter.aggregation_rule('container_fs_inodes_total') == 'sum'
+
+
+def test_pod_value_through_the_app_pod_cgroup_container_sum_and_fs():
+    app = fresh_app()
+    pod_cgroup = '/kubepods/burstable/pod11111111-2222'
+    table = [
+        (cadvisor('container_memory_usage_bytes', 'ns', 'with-cgroup', cgroup=pod_cgroup),
+         [(1000, 1)]),
+        (cadvisor('container_memory_usage_bytes', 'ns', 'with-cgroup', 'POD',
+                  pod_cgroup + '/aa'), [(10, 1)]),
+        (cadvisor('container_memory_usage_bytes', 'ns', 'with-cgroup', 'app',
+                  pod_cgroup + '/bb'), [(20, 1)]),
+        (cadvisor('container_memory_usage_bytes', 'ns', 'no-cgroup', 'POD', '/x/pod9/aa'),
+         [(10, 1)]),
+        (cadvisor('container_memory_usage_bytes', 'ns', 'no-cgroup', 'app', '/x/pod9/bb'),
+         [(20, 1)]),
+    ]
+    for device, container, usage, limit in (('/dev/a', 'POD', 1, 100), ('/dev/a', 'app', 2, 100),
+                                            ('/dev/b', 'app', 4, 50)):
+        cgroup = f'{pod_cgroup}/{container}'
+        table += [(cadvisor('container_fs_usage_bytes', 'ns', 'with-cgroup', container, cgroup,
+                            device=device), [(usage, 1)]),
+                  (cadvisor('container_fs_limit_bytes', 'ns', 'with-cgroup', container, cgroup,
+                            device=device), [(limit, 1)])]
+    assert call_wsgi(app, 'POST', '/write', rw1_body(table))[0] == 204
+    values = {(name, dict(labels)['pod']): value for (name, labels), value in
+              parse_exposition(call_wsgi(app, 'GET', '/metrics')[2].decode()).items()
+              if name.startswith('container_')}
+    assert values == {('container_memory_usage_bytes', 'with-cgroup'): 1000,
+                      ('container_memory_usage_bytes', 'no-cgroup'): 30,
+                      ('container_fs_usage_bytes', 'with-cgroup'): 7,
+                      ('container_fs_limit_bytes', 'with-cgroup'): 150}
+
+
+def test_incoming_cluster_label_wins_and_job_is_kept():
+    app = fresh_app(cluster='default-cluster')
+    table = [(cadvisor('container_memory_usage_bytes', 'ns', 'a', job='kubelet',
+                       cluster='east'), [(1, 1)]),
+             (cadvisor('container_memory_usage_bytes', 'ns', 'b', job='kubelet'), [(2, 1)])]
+    call_wsgi(app, 'POST', '/write', rw1_body(table))
+    assert pod_families(call_wsgi(app, 'GET', '/metrics')[2].decode()).splitlines()[2:] == [
+        'container_memory_usage_bytes{cluster="default-cluster",item="container_memory_usage_'
+        'bytes",job="kubelet",namespace="ns",pod="b"} 2',
+        'container_memory_usage_bytes{cluster="east",item="container_memory_usage_bytes",'
+        'job="kubelet",namespace="ns",pod="a"} 1']
+
+
+###############################################################################
+# The store ###################################################################
+###############################################################################
+
+MEMORY = 'container_memory_usage_bytes'
+
+
+def memory_of(app, pod='p'):
+    """The exported memory value of one pod, or None when the pod is not shown."""
+    for (name, labels), value in parse_exposition(
+            call_wsgi(app, 'GET', '/metrics')[2].decode()).items():
+        if name == MEMORY and dict(labels)['pod'] == pod:
+            return value
+    return None
+
+
+def post(app, table, protocol=1, **headers):
+    body = rw1_body(table) if protocol == 1 else rw2_body(table)
+    return call_wsgi(app, 'POST', '/write', body,
+                     {'Content-Type': RW1_TYPE if protocol == 1 else RW2_TYPE, **headers})
+
+
+def test_newer_sample_replaces_older_and_older_or_equal_is_ignored():
+    app = fresh_app()
+    labels = cadvisor(MEMORY, 'ns', 'p')
+    post(app, [(labels, [(10, 2000)])])
+    post(app, [(labels, [(20, 3000)])])
+    assert memory_of(app) == 20
+    post(app, [(labels, [(30, 3000)])])     # equal timestamp
+    post(app, [(labels, [(40, 1000)])])     # older
+    assert memory_of(app) == 20
+    assert 'k8s_exporter_samples_ignored_total{reason="out_of_order"} 2\n' in (
+        call_wsgi(app, 'GET', '/metrics')[2].decode())
+
+
+def test_of_several_samples_in_one_series_the_newest_wins():
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p'), [(1, 100), (3, 300), (2, 200)])])
+    assert memory_of(app) == 3
+
+
+@pytest.mark.parametrize('protocol', [1, 2])
+def test_stale_marker_removes_the_series_and_an_empty_pod_disappears(protocol):
+    app = fresh_app()
+    pod_cgroup = cadvisor(MEMORY, 'ns', 'p', cgroup='/kubepods/podab')
+    container = cadvisor(MEMORY, 'ns', 'p', 'app', '/kubepods/podab/cc')
+    post(app, [(pod_cgroup, [(100, 1)]), (container, [(7, 1)])], protocol)
+    assert memory_of(app) == 100
+    post(app, [(pod_cgroup, [(STALE_NAN, 2)])], protocol)
+    assert memory_of(app) == 7          # back to the sum of containers
+    post(app, [(container, [(STALE_NAN, 2)])], protocol)
+    page = call_wsgi(app, 'GET', '/metrics')[2].decode()
+    assert pod_families(page) == ''
+    assert 'k8s_exporter_pods 0\n' in page and 'k8s_exporter_input_series 0\n' in page
+    assert 'k8s_exporter_stale_markers_total 2\n' in page
+
+
+def test_nan_and_infinities_other_than_stale_markers_are_stored_and_printed():
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'nan'), [(math.nan, 1)]),
+               (cadvisor(MEMORY, 'ns', 'inf'), [(math.inf, 1)]),
+               (cadvisor(MEMORY, 'ns', 'ninf'), [(-math.inf, 1)])])
+    assert [line.rpartition(' ')[2] for line in pod_families(
+        call_wsgi(app, 'GET', '/metrics')[2].decode()).splitlines()[2:]] == [
+        '+Inf', 'NaN', '-Inf']    # pods inf, nan, ninf in label order
+
+
+def test_series_not_received_for_the_ttl_are_forgotten():
+    store = k8s_exporter.Store(Config(ttl_seconds=10))
+    pod = PodKey('c', 'j', 'ns', 'p')
+    old = k8s_exporter.Sample(pod, 0, SeriesKey(False, 'a', '/a', '', ''), 1, 5.0)
+    new = k8s_exporter.Sample(pod, 0, SeriesKey(False, 'b', '/b', '', ''), 1, 6.0)
+    store.apply([old], received=100.0)
+    store.apply([new], received=105.0)
+    store.expire(now=109.0)
+    assert store.snapshot().lines[0][pod].endswith('} 11\n')
+    store.expire(now=111.0)     # 'a' is 11 s old
+    snapshot = store.snapshot()
+    assert snapshot.lines[0][pod].endswith('} 6\n') and snapshot.series_count == 1
+    store.expire(now=200.0)
+    snapshot = store.snapshot()
+    assert snapshot.pods == [] and snapshot.lines[0] == {} and snapshot.series_count == 0
+    assert snapshot.counters.expired_series == 2
+
+
+def test_ttl_expiry_reaches_the_metrics_page_without_writes():
+    app = fresh_app(ttl_seconds=0.3)
+    post(app, [(cadvisor(MEMORY, 'ns', 'p'), [(1, 1)])])
+    assert memory_of(app) == 1
+    time.sleep(0.4)
+    assert memory_of(app) is None
+
+
+def test_series_limit_refuses_new_series_and_keeps_updating_known_ones():
+    app = fresh_app(max_series=2)
+    a, b, c = (cadvisor(MEMORY, 'ns', pod) for pod in 'abc')
+    assert post(app, [(a, [(1, 1)]), (b, [(2, 1)])])[0] == 204
+    status, headers, body = post(app, [(a, [(10, 2)]), (c, [(30, 2)])], protocol=2)
+    assert status == 400
+    assert body == (b'1 samples of new series refused: K8S_EXPORTER_MAX_SERIES=2 reached; '
+                    b'known series still update\n')
+    assert headers['X-Prometheus-Remote-Write-Samples-Written'] == '1'
+    assert (memory_of(app, 'a'), memory_of(app, 'c')) == (10, None)
+    assert 'k8s_exporter_samples_ignored_total{reason="series_limit"} 1\n' in (
+        call_wsgi(app, 'GET', '/metrics')[2].decode())
+
+
+def test_two_series_of_one_pod_never_overwrite_each_other():
+    # containerd: pause and pod cgroup differ only by id.
+    app = fresh_app(metrics=('container_cpu_usage_seconds_total',))
+    base = cadvisor('container_cpu_usage_seconds_total', 'ns', 'p')
+    table = [({**base, 'id': '/kubepods/podab/p1'}, [(1, 1)]),
+             ({**base, 'id': '/kubepods/podab/p2'}, [(2, 1)]),
+             ({**base, 'id': '/kubepods/podab/p2', 'image': 'x'}, [(4, 1)])]
+    post(app, table)
+    assert 'job="kubernetes-cadvisor",namespace="ns",pod="p"} 7\n' in (
+        call_wsgi(app, 'GET', '/metrics')[2].decode())
+
+
+def test_a_scrape_sees_all_of_a_write_request_or_none_of_it():
+    # Each request sets all 200 pods to the same value; a torn scrape would
+    # show two different values at once.
+    app = fresh_app()
+    stop = time.monotonic() + 1.5
+    bodies = [rw1_body([(cadvisor(MEMORY, 'ns', f'pod-{n:03d}'), [(value, value)])
+                        for n in range(200)]) for value in range(1, 40)]
+    errors = []
+
+    def writer():
+        for body in bodies:
+            app(dict(REQUEST_METHOD='POST', PATH_INFO='/write', CONTENT_LENGTH=str(len(body)),
+                     CONTENT_TYPE=RW1_TYPE, **{'wsgi.input': io.BytesIO(body)}),
+                lambda status, headers: None)
+
+    import threading
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        while thread.is_alive() and time.monotonic() < stop:
+            values = {value for (name, _), value in parse_exposition(
+                call_wsgi(app, 'GET', '/metrics')[2].decode()).items() if name == MEMORY}
+            if len(values) > 1:
+                errors.append(values)
+    finally:
+        thread.join(timeout=30)
+    assert errors == []
+    assert memory_of(app, 'pod-000') == 39
+
+
+###############################################################################
+# Exposition ##################################################################
+###############################################################################
+
+@pytest.mark.parametrize('value, text', [
+    (0.0, '0'), (-0.0, '-0'), (1.0, '1'), (-7.0, '-7'), (122880.0, '122880'),
+    (999999.0, '999999'), (1e6, '1e+06'), (3985408.0, '3.985408e+06'),
+    (42090070016.0, '4.2090070016e+10'), (5771784192.0, '5.771784192e+09'),
+    (0.5, '0.5'), (123.456, '123.456'), (0.0001, '0.0001'), (0.00001, '1e-05'),
+    (1.5e-07, '1.5e-07'), (1e21, '1e+21'), (1e100, '1e+100'), (2.5e-300, '2.5e-300'),
+    (5e-324, '5e-324'), (1.7976931348623157e308, '1.7976931348623157e+308'),
+    (9007199254740993.0, '9.007199254740992e+15'), (-1234567.5, '-1.2345675e+06'),
+    (math.nan, 'NaN'), (math.inf, '+Inf'), (-math.inf, '-Inf'),
+])
+def test_floats_are_spelled_as_go_formatfloat_g_minus_one(value, text):
+    assert format_go_float(value) == text
+
+
+def test_label_values_escape_backslash_quote_and_newline():
+    assert escape_label_value('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'n"s', 'p\\o\nd'), [(1, 1)])])
+    assert pod_families(call_wsgi(app, 'GET', '/metrics')[2].decode()).splitlines()[2] == (
+        'container_memory_usage_bytes{cluster="k8s-cluster",item="container_memory_usage_bytes",'
+        'job="kubernetes-cadvisor",namespace="n\\"s",pod="p\\\\o\\nd"} 1')
+
+
+def test_help_text_escapes_only_backslash_and_newline():
+    assert k8s_exporter.escape_help('a\\b"c\nd') == 'a\\\\b"c\\nd'
+
+
+def test_families_are_in_name_order_and_series_in_label_order():
+    app = fresh_app()
+    table = [(cadvisor(name, namespace, pod), [(1, 1)])
+             for name in reversed(k8s_exporter.DEFAULT_METRICS)
+             for namespace, pod in (('b', 'a'), ('a', 'z'), ('a', 'b'))
+             if not name.startswith('container_fs')]
+    post(app, table)
+    lines = call_wsgi(app, 'GET', '/metrics')[2].decode().splitlines()
+    types = [line.split()[2] for line in lines if line.startswith('# TYPE')]
+    assert types == sorted(types)
+    cpu = [line.split(',namespace=')[1].split('}')[0] for line in lines
+           if line.startswith('container_cpu_load_average_10s{')]
+    assert cpu == ['"a",pod="b"', '"a",pod="z"', '"b",pod="a"']
+
+
+def test_metrics_are_gzipped_when_the_scraper_accepts_it():
+    app = fresh_app()
+    post(app, seed_table())
+    status, headers, body = call_wsgi(app, 'GET', '/metrics', headers={
+        'Accept-Encoding': 'gzip'})
+    assert (status, headers['Content-Encoding']) == (200, 'gzip')
+    assert int(headers['Content-Length']) == len(body)
+    assert pod_families(gzip.decompress(body).decode()) == SEED_EXPOSITION
+    # The cached compressed families are reused with a fresh tail.
+    second = gzip.decompress(call_wsgi(app, 'GET', '/metrics', headers={
+        'Accept-Encoding': 'deflate, gzip;q=0.5'})[2]).decode()
+    assert pod_families(second) == SEED_EXPOSITION
+    assert 'k8s_exporter_http_requests_total{code="200",handler="metrics"} 1\n' in second
+    assert 'Content-Encoding' not in call_wsgi(app, 'GET', '/metrics', headers={
+        'Accept-Encoding': 'gzip;q=0'})[1]
+
+
+def test_self_metrics_follow_the_pod_families_as_the_seed_shows():
+    app = fresh_app()
+    post(app, seed_table())
+    post(app, [({'job': 'j'}, [(1, 1)])])            # a series without __name__
+    call_wsgi(app, 'GET', '/nope')
+    page = call_wsgi(app, 'GET', '/metrics')[2].decode()
+    assert page.startswith(SEED_EXPOSITION)
+    assert page.endswith(
+        '# HELP promhttp_metric_handler_errors_total Total number of internal errors '
+        'encountered by the promhttp metric handler.\n'
+        '# TYPE promhttp_metric_handler_errors_total counter\n'
+        'promhttp_metric_handler_errors_total{cause="encoding"} 0\n'
+        'promhttp_metric_handler_errors_total{cause="gathering"} 0\n')
+    samples = parse_exposition(page)
+    expected = {
+        ('k8s_exporter_http_requests_total', (('code', '204'), ('handler', 'write'))): 1,
+        ('k8s_exporter_http_requests_total', (('code', '400'), ('handler', 'write'))): 1,
+        ('k8s_exporter_http_requests_total', (('code', '404'), ('handler', 'unknown'))): 1,
+        ('k8s_exporter_samples_received_total', ()): len(seed_table()),
+        ('k8s_exporter_samples_ignored_total', (('reason', 'unexported_metric'),)): 1,
+        ('k8s_exporter_samples_ignored_total', (('reason', 'no_pod'),)): 1,
+        ('k8s_exporter_samples_ignored_total', (('reason', 'invalid_series'),)): 1,
+        ('k8s_exporter_input_series', ()): 25,
+        ('k8s_exporter_pods', ()): 5,
+        ('k8s_exporter_write_duration_seconds_count', ()): 2,
+    }
+    assert {key: samples[(key[0], frozenset(key[1]))] for key in expected} == expected
+    assert samples[('k8s_exporter_last_write_success_timestamp_seconds', frozenset())] == (
+        pytest.approx(time.time(), abs=5))
+    for name in ('process_resident_memory_bytes', 'process_cpu_seconds_total',
+                 'process_start_time_seconds', 'process_open_fds'):
+        assert samples[(name, frozenset())] > 0
+
+
+@pytest.mark.skipif(not Path('/usr/bin/promtool').exists(), reason='promtool not installed')
+def test_promtool_check_metrics_is_silent_on_the_whole_page():
+    app = fresh_app()
+    post(app, seed_table())
+    post(app, [(cadvisor(MEMORY, 'n"s', 'p\\o\nd'), [(math.nan, 1)])])
+    page = call_wsgi(app, 'GET', '/metrics')[2]
+    result = subprocess.run(['promtool', 'check', 'metrics'], input=page, capture_output=True,
+                            timeout=30)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b'', b'')
