@@ -907,3 +907,185 @@ def test_promtool_check_metrics_is_silent_on_the_whole_page():
     result = subprocess.run(['promtool', 'check', 'metrics'], input=page, capture_output=True,
                             timeout=30)
     assert (result.returncode, result.stdout, result.stderr) == (0, b'', b'')
+
+
+###############################################################################
+# WSGI app ####################################################################
+###############################################################################
+
+def test_write_answers_204_without_body_or_content_type():
+    status, headers, body = post(fresh_app(), seed_table())
+    assert (status, headers, body) == (204, {}, b'')
+
+
+def test_write_is_also_served_at_api_v1_write():
+    app = fresh_app()
+    assert call_wsgi(app, 'POST', '/api/v1/write', rw1_body(seed_table()))[0] == 204
+    assert memory_of(app, 'task-pv-pod') == 5111808
+
+
+def test_rw2_success_always_sends_the_written_headers_counting_unexported_samples():
+    app = fresh_app()
+    status, headers, _ = post(app, seed_table(), protocol=2)
+    assert status == 204
+    assert {name: value for name, value in headers.items() if name.startswith('X-')} == {
+        'X-Prometheus-Remote-Write-Samples-Written': str(len(seed_table())),
+        'X-Prometheus-Remote-Write-Histograms-Written': '0',
+        'X-Prometheus-Remote-Write-Exemplars-Written': '0'}
+
+
+def test_rw2_histograms_and_exemplars_are_accepted_and_ignored():
+    request = remote_pb2.WriteRequestV2()
+    request.MergeFromString(snappy.uncompress(rw2_body(seed_table()[:1])))
+    # Field 3 (histograms) and 4 (exemplars) of TimeSeries: unknown here.
+    request.timeseries[0].MergeFromString(b'\x1a\x02\x08\x01' + b'\x22\x02\x11\x00')
+    status, headers, _ = call_wsgi(fresh_app(), 'POST', '/write',
+                                   snappy.compress(request.SerializeToString()),
+                                   {'Content-Type': RW2_TYPE})
+    assert status == 204
+    assert headers['X-Prometheus-Remote-Write-Samples-Written'] == '1'
+    assert headers['X-Prometheus-Remote-Write-Histograms-Written'] == '0'
+
+
+def test_metadata_only_rw1_request_is_accepted():
+    request = remote_pb2.WriteRequest()
+    request.metadata.add(type=1, metric_family_name=MEMORY, help='Current memory usage.')
+    assert call_wsgi(fresh_app(), 'POST', '/write', snappy.compress(
+        request.SerializeToString()), {'Content-Type': RW1_TYPE})[0] == 204
+
+
+def test_empty_write_request_is_accepted():
+    assert call_wsgi(fresh_app(), 'POST', '/write', snappy.compress(b''))[0] == 204
+
+
+def rejection(app, body, headers=None, **kwargs):
+    """(status, content type, body text) of a refused request; checks it is one line."""
+    status, response_headers, data = call_wsgi(app, 'POST', '/write', body, headers, **kwargs)
+    text = data.decode()
+    assert text.endswith('\n') and '\n' not in text[:-1]
+    return status, response_headers.get('Content-Type'), text[:-1]
+
+
+@pytest.mark.parametrize('body, headers, expected', [
+    (b'junk', {'Content-Type': 'text/plain'}, (415, "unsupported Content-Type 'text/plain'; "
+                                                    "expected application/x-protobuf")),
+    (b'junk', {'Content-Encoding': 'gzip'}, (415, "unsupported Content-Encoding 'gzip'; "
+                                                  "expected snappy")),
+    (b'\x05junk', {}, (400, 'corrupt snappy: not a valid snappy block')),
+    (snappy.compress(b'\xff\xff\xff'), {}, (400, 'corrupt protobuf: Error parsing message')),
+    (snappy.compress(b'\x0a\x02\x0a\x00\x0a\x02'), {'Content-Type': RW2_TYPE},
+     (400, 'corrupt protobuf: Error parsing message')),
+    (b'', {}, (400, 'empty body')),
+])
+def test_bad_bodies_get_a_4xx_with_a_one_line_reason(body, headers, expected):
+    status, content_type, reason = rejection(fresh_app(), body, headers)
+    assert content_type == 'text/plain; charset=utf-8'
+    assert (status, reason[:len(expected[1])]) == expected
+
+
+def test_invalid_utf8_label_is_corrupt_protobuf():
+    payload = remote_pb2.WriteRequest()
+    payload.timeseries.add().labels.add(name='__name__', value=MEMORY)
+    raw = payload.SerializeToString().replace(MEMORY.encode(), b'\xff' * len(MEMORY))
+    assert rejection(fresh_app(), snappy.compress(raw))[0] == 400
+
+
+@pytest.mark.parametrize('protocol, bad_series, reason', [
+    (1, ({}, [(1, 1)]), 'series with no labels'),
+    (1, ({'pod': 'p'}, [(1, 1)]), 'series with no __name__ label'),
+    (2, ({}, [(1, 1)]), 'series with no labels'),
+    (2, ({'pod': 'p'}, [(1, 1)]), 'series with no __name__ label'),
+])
+def test_bad_series_are_400_and_the_good_ones_of_the_request_still_apply(protocol, bad_series,
+                                                                          reason):
+    app = fresh_app()
+    good = (cadvisor(MEMORY, 'ns', 'p'), [(42, 1), (43, 2)])
+    status, headers, text = post(app, [good, bad_series, bad_series], protocol)
+    assert (status, text.decode()) == (
+        400, f'2 invalid series skipped, first: {reason}; the rest was applied\n')
+    assert memory_of(app) == 43
+    if protocol == 2:
+        assert headers['X-Prometheus-Remote-Write-Samples-Written'] == '2'
+
+
+def rw2_raw(symbols, refs_per_series):
+    request = remote_pb2.WriteRequestV2(symbols=symbols)
+    for refs in refs_per_series:
+        request.timeseries.add(labels_refs=refs).samples.add(value=1, timestamp=1)
+    return snappy.compress(request.SerializeToString())
+
+
+@pytest.mark.parametrize('refs, reason', [
+    ([1, 2, 3], 'series with an odd number of label refs'),
+    ([1, 2, 3, 9], 'label ref out of range of 8 symbols'),
+    ([1, 99], 'label ref out of range of 8 symbols'),
+])
+def test_rw2_bad_label_refs_are_400(refs, reason):
+    symbols = ['', '__name__', MEMORY, 'namespace', 'ns', 'pod', 'p', 'job']
+    app = fresh_app()
+    status, content_type, text = rejection(app, rw2_raw(symbols, [refs, [1, 2, 3, 4, 5, 6]]),
+                                           {'Content-Type': RW2_TYPE})
+    assert (status, text) == (400, f'1 invalid series skipped, first: {reason}; '
+                                   'the rest was applied')
+    assert memory_of(app) == 1
+
+
+def test_body_over_the_limit_is_413():
+    app = fresh_app(max_body_bytes=100)
+    body = rw1_body(seed_table())
+    assert rejection(app, body) == (413, 'text/plain; charset=utf-8',
+                                    f'body of {len(body)} bytes exceeds the limit of 100')
+    # Without Content-Length (chunked), one byte over the limit is enough.
+    assert rejection(app, b'x' * 101, content_length=False)[::2] == (
+        413, 'body exceeds the limit of 100 bytes')
+
+
+def test_decoded_body_over_the_limit_is_413():
+    app = fresh_app(max_decoded_bytes=100)
+    payload = rw1_body(seed_table(), compress=False)
+    assert rejection(app, snappy.compress(payload))[::2] == (
+        413, f'decoded body of {len(payload)} bytes exceeds the limit of 100')
+
+
+def test_rejected_requests_never_cost_stored_data():
+    app = fresh_app(max_body_bytes=5000)
+    post(app, seed_table())
+    before = pod_families(call_wsgi(app, 'GET', '/metrics')[2].decode())
+    for body, headers in ((b'junk', {}), (b'x' * 6000, {}), (snappy.compress(b'\xff'), {}),
+                          (b'junk', {'Content-Type': 'application/json'})):
+        assert 400 <= call_wsgi(app, 'POST', '/write', body, headers)[0] < 500
+    assert pod_families(call_wsgi(app, 'GET', '/metrics')[2].decode()) == before == (
+        SEED_EXPOSITION)
+
+
+@pytest.mark.parametrize('method, path, allow', [
+    ('GET', '/write', 'POST'), ('PUT', '/api/v1/write', 'POST'),
+    ('POST', '/metrics', 'GET, HEAD'), ('DELETE', '/-/healthy', 'GET, HEAD'),
+])
+def test_wrong_method_is_405_with_allow(method, path, allow):
+    status, headers, body = call_wsgi(fresh_app(), method, path)
+    assert (status, headers['Allow'], body) == (405, allow,
+                                                f'method {method} not allowed\n'.encode())
+
+
+def test_unknown_path_is_404():
+    status, headers, body = call_wsgi(fresh_app(), 'GET', '/federate')
+    assert (status, headers['Content-Type'], body) == (
+        404, 'text/plain; charset=utf-8', b'not found; see / for the endpoints\n')
+
+
+@pytest.mark.parametrize('path', ['/-/healthy', '/-/ready'])
+def test_health_endpoints_answer_200(path):
+    assert call_wsgi(fresh_app(), 'GET', path)[::2] == (200, b'k8s_exporter is Healthy.\n')
+
+
+def test_index_page_links_metrics():
+    status, headers, body = call_wsgi(fresh_app(), 'GET', '/')
+    assert (status, headers['Content-Type']) == (200, 'text/html; charset=utf-8')
+    assert b'<a href="metrics">/metrics</a>' in body
+
+
+def test_head_metrics_has_headers_and_no_body():
+    status, headers, body = call_wsgi(fresh_app(), 'HEAD', '/metrics')
+    assert (status, headers['Content-Type'], body) == (200, k8s_exporter.CONTENT_TYPE_TEXT_004,
+                                                       b'')
