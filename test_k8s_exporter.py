@@ -1089,3 +1089,82 @@ def test_head_metrics_has_headers_and_no_body():
     status, headers, body = call_wsgi(fresh_app(), 'HEAD', '/metrics')
     assert (status, headers['Content-Type'], body) == (200, k8s_exporter.CONTENT_TYPE_TEXT_004,
                                                        b'')
+
+
+###############################################################################
+# A real gunicorn over HTTP ###################################################
+###############################################################################
+
+@pytest.mark.parametrize('protocol', [1, 2])
+def test_gunicorn_serves_the_seed_exposition_from_a_real_write(protocol):
+    with Gunicorn(env={'K8S_EXPORTER_CLUSTER': 'k8s-cluster'}) as exporter:
+        status, headers, body = write(exporter.url, seed_table(), protocol)
+        assert (status, body) == (204, b'')
+        if protocol == 2:
+            assert headers['x-prometheus-remote-write-samples-written'] == str(len(seed_table()))
+        status, headers, body = http_request(exporter.url + '/metrics')
+        assert headers['content-type'] == 'text/plain; version=0.0.4; charset=utf-8'
+        assert pod_families(body.decode()) == SEED_EXPOSITION
+        status, headers, body = http_request(exporter.url + '/metrics',
+                                             headers={'Accept-Encoding': 'gzip'})
+        assert headers['content-encoding'] == 'gzip'
+        assert pod_families(gzip.decompress(body).decode()) == SEED_EXPOSITION
+
+
+def test_gunicorn_answers_bad_requests_with_4xx_and_keeps_serving(server):
+    write(server.url, [(cadvisor(MEMORY, 'ns', 'keep-me'), [(5, 1)])])
+    cases = [
+        (('POST', b'junk', {'Content-Type': 'application/json'}), 415),
+        (('POST', b'\x05junk', {'Content-Type': RW1_TYPE}), 400),
+        (('POST', snappy.compress(b'\xff\xff'), {'Content-Type': RW1_TYPE}), 400),
+        (('GET', None, {}), 405),
+    ]
+    for (method, body, headers), expected in cases:
+        status, response_headers, text = http_request(server.url + '/write', method, body,
+                                                      headers)
+        assert status == expected
+        assert response_headers['content-type'] == 'text/plain; charset=utf-8'
+    assert http_request(server.url + '/nowhere')[0] == 404
+    assert 'namespace="ns",pod="keep-me"} 5\n' in server.metrics()
+
+
+def test_gunicorn_refuses_an_oversized_body_with_413():
+    with Gunicorn(env={'K8S_EXPORTER_MAX_BODY_BYTES': '1000'}) as exporter:
+        status, _, text = http_request(exporter.url + '/write', 'POST', b'\0' * 5000,
+                                       {'Content-Type': RW1_TYPE})
+        assert (status, text) == (413, b'body of 5000 bytes exceeds the limit of 1000\n')
+        assert http_request(exporter.url + '/-/ready')[0] == 200
+
+
+def test_bad_environment_stops_gunicorn_with_one_line_naming_the_variable():
+    result = subprocess.run(
+        [str(VENV_BIN / 'gunicorn'), '-b', f'127.0.0.1:{free_port()}', 'k8s_exporter:app'],
+        cwd=HERE, env={**os.environ, 'K8S_EXPORTER_TTL_SECONDS': 'soon'},
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "k8s_exporter: K8S_EXPORTER_TTL_SECONDS='soon': not a number\n" in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_python3_k8s_exporter_py_serves_on_the_configured_address():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, 'k8s_exporter.py'], cwd=HERE,
+                               env={**os.environ, 'K8S_EXPORTER_LISTEN': f'127.0.0.1:{port}'},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: http_request(f'http://127.0.0.1:{port}/-/healthy', timeout=1)[0] == 200,
+                   timeout=20, what='python3 k8s_exporter.py to serve')
+        assert write(f'http://127.0.0.1:{port}', seed_table())[0] == 204
+        assert pod_families(http_request(f'http://127.0.0.1:{port}/metrics')[2].decode()) == (
+            SEED_EXPOSITION)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+def test_python3_k8s_exporter_py_with_bad_environment_says_one_line():
+    result = subprocess.run([sys.executable, 'k8s_exporter.py'], cwd=HERE,
+                            env={**os.environ, 'K8S_EXPORTER_METRICS': 'bad name'},
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (
+        4, "k8s_exporter: K8S_EXPORTER_METRICS: 'bad name' is not a valid metric name\n")
