@@ -23,10 +23,18 @@ Environment, read and checked once at start-up:
     K8S_EXPORTER_MAX_DECODED_BYTES  67108864      largest accepted write body, decompressed
     K8S_EXPORTER_MAX_SERIES         1000000       most input series held; new ones are refused
     K8S_EXPORTER_METRICS            (the five)    comma list of cAdvisor gauges to export
+    K8S_EXPORTER_MAX_CONCURRENT_DECODES  2        write bodies decoded at once; others wait
     K8S_EXPORTER_LISTEN             0.0.0.0:9201  address for `python3 k8s_exporter.py`
+    K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE          token POST /write must present
+    K8S_EXPORTER_WRITE_BASIC_AUTH_FILE            user:password lines POST /write accepts
+    K8S_EXPORTER_METRICS_BEARER_TOKEN_FILE        the same for GET /metrics
+    K8S_EXPORTER_METRICS_BASIC_AUTH_FILE
 """
 
+import base64
 import dataclasses
+import hmac
+import logging
 import math
 import os
 import re
@@ -45,6 +53,7 @@ import remote_pb2
 __version__ = '1.0.0'
 
 MiB = 1024 * 1024
+LOG = logging.getLogger('k8s_exporter')
 
 
 ###############################################################################
@@ -80,13 +89,22 @@ class Config:
     max_decoded_bytes: int = 64 * MiB
     max_series: int = 1_000_000
     metrics: tuple = DEFAULT_METRICS
+    max_concurrent_decodes: int = 2
     listen: str = '0.0.0.0:9201'
+    # Credentials are read from files at start-up; repr=False keeps them out
+    # of logs and tracebacks.
+    write_auth: 'Credentials' = dataclasses.field(default=None, repr=False)
+    metrics_auth: 'Credentials' = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_environ(cls, environ):
         """Read K8S_EXPORTER_* variables; raise ConfigError on the first bad one."""
         defaults = cls()
         return cls(
+            write_auth=Credentials.from_files(environ, 'K8S_EXPORTER_WRITE'),
+            metrics_auth=Credentials.from_files(environ, 'K8S_EXPORTER_METRICS'),
+            max_concurrent_decodes=_env_number(environ, 'K8S_EXPORTER_MAX_CONCURRENT_DECODES',
+                                               defaults.max_concurrent_decodes, int),
             cluster=_env_text(environ, 'K8S_EXPORTER_CLUSTER', defaults.cluster),
             ttl_seconds=_env_number(environ, 'K8S_EXPORTER_TTL_SECONDS',
                                     defaults.ttl_seconds, float),
@@ -99,6 +117,73 @@ class Config:
             metrics=_env_metric_names(environ, 'K8S_EXPORTER_METRICS', defaults.metrics),
             listen=_env_listen(environ, 'K8S_EXPORTER_LISTEN', defaults.listen),
         )
+
+
+class Credentials(NamedTuple):
+    """What an endpoint accepts: a bearer token and/or basic-auth pairs.
+
+    The forms Prometheus sends from remote_write and scrape configs
+    (`authorization` and `basic_auth`).
+    """
+    bearer_tokens: tuple      # bytes
+    basic_pairs: tuple        # b'user:password'
+
+    @classmethod
+    def from_files(cls, environ, prefix):
+        token_variable = f'{prefix}_BEARER_TOKEN_FILE'
+        basic_variable = f'{prefix}_BASIC_AUTH_FILE'
+        tokens = tuple(_read_secret_lines(environ, token_variable)[:1])
+        pairs = tuple(_read_secret_lines(environ, basic_variable))
+        for pair in pairs:
+            if b':' not in pair:
+                raise ConfigError(f'{basic_variable}: every line must be user:password')
+        return cls(tokens, pairs) if tokens or pairs else None
+
+    def allow(self, authorization):
+        """Whether an Authorization header value matches, in constant time per secret."""
+        scheme, _, credential = authorization.strip().partition(' ')
+        credential = credential.strip().encode('latin-1', 'replace')
+        scheme = scheme.lower()
+        if scheme == 'bearer':
+            secrets = self.bearer_tokens
+        elif scheme == 'basic':
+            try:
+                credential = base64.b64decode(credential, validate=True)
+            except ValueError:
+                return False
+            secrets = self.basic_pairs
+        else:
+            return False
+        # Compare with every secret, so the time taken does not tell which
+        # user exists.
+        matched = False
+        for secret in secrets:
+            matched |= hmac.compare_digest(credential, secret)
+        return matched
+
+    def challenge(self):
+        """WWW-Authenticate headers for a 401 (RFC 9110, section 11.6.1)."""
+        headers = []
+        if self.bearer_tokens:
+            headers.append(('WWW-Authenticate', 'Bearer realm="k8s_exporter"'))
+        if self.basic_pairs:
+            headers.append(('WWW-Authenticate', 'Basic realm="k8s_exporter", charset="UTF-8"'))
+        return headers
+
+
+def _read_secret_lines(environ, name):
+    path = environ.get(name, '').strip()
+    if not path:
+        return []
+    try:
+        with open(path, 'rb') as secret_file:
+            lines = [line.strip() for line in secret_file.read().splitlines()]
+    except OSError as error:
+        raise ConfigError(f'{name}={path!r}: cannot read: {error.strerror}') from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ConfigError(f'{name}={path!r}: file is empty')
+    return lines
 
 
 def _env_text(environ, name, default):
@@ -892,27 +977,42 @@ class Exporter:
         self.store = Store(config)
         self.exposition = ExpositionCache()
         self.wanted = {name: index for index, name in enumerate(config.metrics)}
-        # path -> (handler name for self-metrics, allowed methods, method)
+        # Bounds the memory of decoding: each decode holds up to
+        # max_decoded_bytes of payload plus its parsed messages.
+        self.decode_slots = threading.BoundedSemaphore(config.max_concurrent_decodes)
+        # path -> (handler name for self-metrics, allowed methods, method, credentials)
         self.routes = {
-            '/metrics': ('metrics', ('GET', 'HEAD'), self.serve_metrics),
-            '/-/healthy': ('health', ('GET', 'HEAD'), self.serve_health),
-            '/-/ready': ('health', ('GET', 'HEAD'), self.serve_health),
-            '/': ('index', ('GET', 'HEAD'), self.serve_index),
+            '/metrics': ('metrics', ('GET', 'HEAD'), self.serve_metrics, config.metrics_auth),
+            '/-/healthy': ('health', ('GET', 'HEAD'), self.serve_health, None),
+            '/-/ready': ('health', ('GET', 'HEAD'), self.serve_health, None),
+            '/': ('index', ('GET', 'HEAD'), self.serve_index, None),
         }
         for path in WRITE_PATHS:
-            self.routes[path] = ('write', ('POST',), self.receive_write)
+            self.routes[path] = ('write', ('POST',), self.receive_write, config.write_auth)
 
     def __call__(self, environ, start_response):
         route = self.routes.get(environ.get('PATH_INFO') or '/')
         if route is None:
             handler, response = 'unknown', text_response(404, 'not found; see / for the endpoints')
         else:
-            handler, methods, serve = route
+            handler, methods, serve, credentials = route
             if environ['REQUEST_METHOD'] not in methods:
                 response = text_response(405, f'method {_clip(environ["REQUEST_METHOD"], 20)} '
                                               'not allowed', [('Allow', ', '.join(methods))])
+            elif credentials and not credentials.allow(environ.get('HTTP_AUTHORIZATION', '')):
+                # The credential itself is never logged or echoed.
+                response = text_response(401, 'missing or wrong credentials',
+                                         credentials.challenge())
             else:
-                response = serve(environ)
+                try:
+                    response = serve(environ)
+                except Exception:
+                    # A fault of ours, not of the request: 500 makes Prometheus
+                    # retry, and the traceback goes to gunicorn's error log.
+                    LOG.exception('%s request failed', handler)
+                    response = text_response(500, 'internal error; see the exporter log')
+                    if handler == 'metrics':
+                        self.store.count(_count_gathering_error)
         status, headers, body = response
         self.store.count(lambda counters: _count_request(counters, handler, status))
         start_response(f'{status} {HTTP_REASONS.get(status, "")}'.rstrip(), headers)
@@ -928,8 +1028,12 @@ class Exporter:
             protocol = negotiate_protocol(environ.get('CONTENT_TYPE', ''),
                                           environ.get('HTTP_CONTENT_ENCODING', ''))
             body = read_body(environ, self.config.max_body_bytes)
-            payload = decompress_body(body, self.config.max_decoded_bytes)
-            decoded = decode_write_request(payload, protocol, self.wanted, self.config.cluster)
+            with self.decode_slots:
+                payload = decompress_body(body, self.config.max_decoded_bytes)
+                del body
+                decoded = decode_write_request(payload, protocol, self.wanted,
+                                               self.config.cluster)
+                del payload
             self.store.expire(started)
             refused = self.store.apply(decoded.samples, started)
             written = decoded.samples_total - refused
@@ -976,6 +1080,10 @@ class Exporter:
     def serve_index(self, environ):
         return 200, [('Content-Type', 'text/html; charset=utf-8'),
                      ('Content-Length', str(len(INDEX_HTML)))], INDEX_HTML
+
+
+def _count_gathering_error(counters):
+    counters.handler_errors['gathering'] += 1
 
 
 def _count_request(counters, handler, status):

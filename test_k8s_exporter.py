@@ -1168,3 +1168,122 @@ def test_python3_k8s_exporter_py_with_bad_environment_says_one_line():
                             capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (
         4, "k8s_exporter: K8S_EXPORTER_METRICS: 'bad name' is not a valid metric name\n")
+
+
+###############################################################################
+# Authentication ##############################################################
+###############################################################################
+
+def basic(user_password):
+    import base64
+    return 'Basic ' + base64.b64encode(user_password.encode()).decode()
+
+
+@pytest.fixture
+def secured_app(tmp_path):
+    (tmp_path / 'write-token').write_text('s3cret-write\n')
+    (tmp_path / 'write-users').write_text('prometheus1:pw1\nbackup:pw2\n')
+    (tmp_path / 'metrics-token').write_text('s3cret-read')
+    config = Config.from_environ({
+        'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': str(tmp_path / 'write-token'),
+        'K8S_EXPORTER_WRITE_BASIC_AUTH_FILE': str(tmp_path / 'write-users'),
+        'K8S_EXPORTER_METRICS_BEARER_TOKEN_FILE': str(tmp_path / 'metrics-token')})
+    return Exporter(config)
+
+
+@pytest.mark.parametrize('authorization', [
+    'Bearer s3cret-write', 'bearer s3cret-write', basic('prometheus1:pw1'), basic('backup:pw2')])
+def test_write_accepts_the_configured_bearer_token_or_basic_auth(secured_app, authorization):
+    assert post(secured_app, seed_table(), Authorization=authorization)[0] == 204
+
+
+@pytest.mark.parametrize('authorization', [
+    None, 'Bearer wrong', 'Bearer s3cret-read', basic('prometheus1:pw2'), basic('nobody:pw1'),
+    'Basic !!notbase64', 'Digest s3cret-write', 'Bearer', ''])
+def test_write_with_missing_or_wrong_credentials_is_401_with_a_challenge(secured_app,
+                                                                        authorization):
+    headers = {'Authorization': authorization} if authorization is not None else {}
+    status, response_headers, body = call_wsgi(secured_app, 'POST', '/write',
+                                               rw1_body(seed_table()), headers)
+    assert (status, body) == (401, b'missing or wrong credentials\n')
+    assert secured_app.store.snapshot().series_count == 0
+
+
+def test_401_lists_every_accepted_scheme_and_is_counted(secured_app):
+    environ_headers = []
+
+    def start_response(status, headers, exc_info=None):
+        environ_headers.extend(headers)
+
+    secured_app({'REQUEST_METHOD': 'POST', 'PATH_INFO': '/write', 'wsgi.input': io.BytesIO()},
+                start_response)
+    assert [value for name, value in environ_headers if name == 'WWW-Authenticate'] == [
+        'Bearer realm="k8s_exporter"', 'Basic realm="k8s_exporter", charset="UTF-8"']
+    page = call_wsgi(secured_app, 'GET', '/metrics',
+                     headers={'Authorization': 'Bearer s3cret-read'})[2].decode()
+    assert 'k8s_exporter_http_requests_total{code="401",handler="write"} 1\n' in page
+
+
+def test_metrics_auth_is_separate_and_health_stays_open(secured_app):
+    assert call_wsgi(secured_app, 'GET', '/metrics')[0] == 401
+    assert call_wsgi(secured_app, 'GET', '/metrics',
+                     headers={'Authorization': 'Bearer s3cret-write'})[0] == 401
+    assert call_wsgi(secured_app, 'GET', '/metrics',
+                     headers={'Authorization': 'Bearer s3cret-read'})[0] == 200
+    assert call_wsgi(secured_app, 'GET', '/-/healthy')[0] == 200
+    assert call_wsgi(secured_app, 'GET', '/-/ready')[0] == 200
+
+
+def test_credentials_never_appear_in_the_config_repr(secured_app):
+    assert 's3cret' not in repr(secured_app.config) and 'pw1' not in repr(secured_app.config)
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, "K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE='{path}': cannot read: "
+           "No such file or directory"),
+    ('\n\n', "K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE='{path}': file is empty"),
+])
+def test_unreadable_or_empty_secret_file_stops_start_up(tmp_path, content, message):
+    path = tmp_path / 'token'
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as raised:
+        Config.from_environ({'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': str(path)})
+    assert str(raised.value) == message.format(path=path)
+
+
+def test_basic_auth_file_lines_must_be_user_colon_password(tmp_path):
+    (tmp_path / 'users').write_text('just-a-user\n')
+    with pytest.raises(ConfigError) as raised:
+        Config.from_environ({'K8S_EXPORTER_METRICS_BASIC_AUTH_FILE': str(tmp_path / 'users')})
+    assert str(raised.value) == ('K8S_EXPORTER_METRICS_BASIC_AUTH_FILE: every line must be '
+                                 'user:password')
+
+
+def test_gunicorn_enforces_write_and_scrape_credentials(tmp_path):
+    (tmp_path / 'token').write_text('tok\n')
+    (tmp_path / 'users').write_text('scraper:pw\n')
+    with Gunicorn(env={'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': str(tmp_path / 'token'),
+                       'K8S_EXPORTER_METRICS_BASIC_AUTH_FILE': str(tmp_path / 'users')}) as exp:
+        status, headers, _ = write(exp.url, seed_table())
+        assert (status, headers['www-authenticate']) == (401, 'Bearer realm="k8s_exporter"')
+        assert write(exp.url, seed_table(), headers={'Authorization': 'Bearer tok'})[0] == 204
+        assert http_request(exp.url + '/metrics')[0] == 401
+        status, _, body = http_request(exp.url + '/metrics',
+                                       headers={'Authorization': basic('scraper:pw')})
+        assert status == 200 and pod_families(body.decode()) == SEED_EXPOSITION
+    assert b'tok' not in exp.log and b'scraper:pw' not in exp.log
+
+
+def test_concurrent_decodes_are_bounded_by_the_configured_slots():
+    app = fresh_app(max_concurrent_decodes=1)
+    assert app.decode_slots.acquire(timeout=1)
+    import threading
+    result = []
+    thread = threading.Thread(target=lambda: result.append(post(app, seed_table())[0]))
+    thread.start()
+    thread.join(timeout=0.3)
+    assert thread.is_alive() and result == []      # waits for the slot, does not fail
+    app.decode_slots.release()
+    thread.join(timeout=10)
+    assert result == [204]
