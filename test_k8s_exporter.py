@@ -7,7 +7,6 @@ gunicorn over HTTP, then the real Prometheus pipeline.
 Run with `make test`.
 """
 
-import contextlib
 import gzip
 import http.client
 import io
