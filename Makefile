@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 LISTEN ?= 0.0.0.0:9201
-PYTEST_ARGS ?=
+# Extra gunicorn flags, e.g. GUNICORN_ARGS='--certfile cert.pem --keyfile key.pem' for TLS.
+GUNICORN_ARGS ?=
+PYTEST_ARGS ?= -rs
 
 .PHONY: help run test bench demo soak proto lint clean prometheus
 
@@ -11,7 +13,7 @@ help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 10
 
 run: $(VENV)/.runtime ## serve on $(LISTEN) (default 0.0.0.0:9201) as in production
-	$(BIN)/gunicorn -w 1 --threads 8 -b $(LISTEN) k8s_exporter:app
+	$(BIN)/gunicorn -w 1 --threads 8 -b $(LISTEN) $(GUNICORN_ARGS) k8s_exporter:app
 
 test: $(VENV)/.dev prometheus ## run every test, end to end with a real Prometheus
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) test_k8s_exporter.py
@@ -19,7 +21,7 @@ test: $(VENV)/.dev prometheus ## run every test, end to end with a real Promethe
 bench: $(VENV)/.dev prometheus ## compare ingest, scrape and memory with Prometheus itself
 	$(BIN)/python bench_k8s_exporter.py
 
-demo: $(VENV)/.dev prometheus ## cAdvisor fixture -> prometheus1 -> exporter -> prometheus2, until Ctrl-C
+demo: $(VENV)/.runtime prometheus ## cAdvisor fixture -> prometheus1 -> exporter -> prometheus2, until Ctrl-C
 	$(BIN)/python demo_k8s_exporter.py
 
 soak: $(VENV)/.dev ## writers and scrapers against gunicorn for about 60 s

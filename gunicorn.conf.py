@@ -17,9 +17,19 @@ threads = 8
 timeout = 60
 graceful_timeout = 30
 keepalive = 75   # longer than Prometheus's idle connection reuse
+# gunicorn 27's control socket is one path per user: a second gunicorn (a
+# test, a shard) would take it over, and its "worker add" would split the
+# in-memory store across two workers.
+control_socket_disable = True
 
 
 def on_starting(server):
     """Check the environment once, before forking, and say what is wrong in one line."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import k8s_exporter  # noqa: F401 -- importing it validates K8S_EXPORTER_*
+
+
+def when_ready(server):
+    """Cut off clients that stall mid-request (see k8s_exporter.set_receive_timeout)."""
+    import k8s_exporter
+    k8s_exporter.set_receive_timeout(listener.sock for listener in server.LISTENERS)

@@ -32,12 +32,14 @@ Environment, read and checked once at start-up:
 """
 
 import base64
+import bisect
 import dataclasses
 import hmac
 import logging
 import math
 import os
 import re
+import socket
 import struct
 import sys
 import threading
@@ -339,93 +341,113 @@ def decode_write_request(payload, protocol, wanted, default_cluster):
     wanted maps metric name -> metric index. Bad series are recorded in the
     result, not raised, so the good ones of the same request still apply.
     """
-    if protocol == PROTO_RW2:
-        return _decode_rw2(payload, wanted, default_cluster)
-    return _decode_rw1(payload, wanted, default_cluster)
+    try:
+        if protocol == PROTO_RW2:
+            return _decode_rw2(payload, wanted, default_cluster)
+        return _decode_rw1(payload, wanted, default_cluster)
+    except DecodeError as error:
+        raise RequestError(400, f'corrupt protobuf: {_clip(str(error))}') from None
+
+
+# Only 5-10% of cAdvisor samples are exported, so the decoders look at each
+# series' raw bytes first and build Python objects only for the series they
+# keep: 0.6 us per dropped series instead of 2.4 us through message objects.
+# A series whose bytes are not in the usual shape takes the full path.
+
+# A RW 1.0 series (Prometheus sorts labels, so __name__ comes first) starts
+# with: tag of field 1 (labels), one-byte length, then the Label's field 1
+# "__name__" and the tag of its field 2 (value), whose one-byte length and
+# text follow at offsets 13 and 14.
+RW1_NAME_LABEL = b'\n\x08__name__\x12'
 
 
 def _decode_rw1(payload, wanted, default_cluster):
-    request = remote_pb2.WriteRequest()
-    try:
-        request.ParseFromString(payload)
-    except DecodeError as error:
-        raise RequestError(400, f'corrupt protobuf: {_clip(str(error))}') from None
+    request = remote_pb2.WriteRequestSeriesBytes.FromString(payload)
+    tally = remote_pb2.WriteRequestSampleTally.FromString(payload)
     decoded = DecodedWrite(samples=[])
-    # Most series are dropped (5-10% of cAdvisor samples are exported), so
-    # each costs one label read: Prometheus sends labels sorted, which puts
-    # __name__ first unless a label name starts with an upper-case letter.
-    for series in request.timeseries:
-        labels = series.labels
+    wanted_names = {name.encode(): metric for name, metric in wanted.items()}
+    kept = invalid = 0
+    for raw in request.timeseries:
+        if (raw.startswith(RW1_NAME_LABEL, 2) and len(raw) > 14 and raw[0] == 0x0A
+                and raw[1] < 0x80 and 0 < raw[13] < 0x80
+                and raw[14:14 + raw[13]] not in wanted_names):
+            continue
+        series = remote_pb2.TimeSeries.FromString(raw)
+        labels = {label.name: label.value for label in series.labels}
+        count = len(series.samples)
         if not labels:
             decoded.reject_series('series with no labels')
-            continue
-        first = labels[0]
-        if first.name == '__name__':
-            name = first.value
-        else:
-            name = next((label.value for label in labels if label.name == '__name__'), '')
-        if not name:
+        elif not labels.get('__name__'):
             decoded.reject_series('series with no __name__ label')
+        else:
+            metric = wanted.get(labels['__name__'])
+            if metric is not None:
+                kept += count
+                _collect_samples(decoded, metric, labels, series.samples, count,
+                                 default_cluster)
             continue
-        samples = series.samples
-        count = len(samples)
-        decoded.samples_total += count
-        metric = wanted.get(name)
-        if metric is None:
-            decoded.unexported += count
-            continue
-        _collect_samples(decoded, metric, {label.name: label.value for label in labels},
-                         samples, count, default_cluster)
+        invalid += count
+    decoded.samples_total = len(tally.timeseries.samples) - invalid
+    decoded.unexported = decoded.samples_total - kept
     return decoded
 
 
 def _decode_rw2(payload, wanted, default_cluster):
-    request = remote_pb2.WriteRequestV2()
-    try:
-        request.ParseFromString(payload)
-    except DecodeError as error:
-        raise RequestError(400, f'corrupt protobuf: {_clip(str(error))}') from None
+    request = remote_pb2.WriteRequestV2SeriesBytes.FromString(payload)
+    tally = remote_pb2.WriteRequestV2SampleTally.FromString(payload)
     decoded = DecodedWrite(samples=[])
     symbols = list(request.symbols)
     symbol_count = len(symbols)
-    # Resolve names once per request: a series is then kept or dropped by
-    # comparing integers, without building its label strings.
-    try:
-        name_ref = symbols.index('__name__')
-    except ValueError:
-        name_ref = -1
+    # A series starts with its packed labels_refs (tag of field 1, one-byte
+    # length when short): the __name__ ref, then the metric name's ref, each
+    # a varint of one or two bytes here.
+    name_prefix = _varint(symbols.index('__name__')) if '__name__' in symbols else None
+    value_at = 2 + len(name_prefix or b'')
     wanted_refs = {ref: wanted[symbol] for ref, symbol in enumerate(symbols) if symbol in wanted}
-    for series in request.timeseries:
+    kept = invalid = 0
+    for raw in request.timeseries:
+        if (name_prefix and raw.startswith(name_prefix, 2) and raw[0] == 0x0A
+                and value_at + 2 <= 2 + raw[1] < 0x82):
+            value_ref = raw[value_at]
+            if value_ref >= 0x80:
+                high = raw[value_at + 1]
+                value_ref = (value_ref & 0x7F) | high << 7 if high < 0x80 else 0
+            if 0 < value_ref < symbol_count and value_ref not in wanted_refs and symbols[value_ref]:
+                continue
+        series = remote_pb2.TimeSeriesV2.FromString(raw)
         refs = series.labels_refs
-        ref_count = len(refs)
-        if not ref_count:
+        count = len(series.samples)
+        if not refs:
             decoded.reject_series('series with no labels')
-            continue
-        if ref_count % 2:
+        elif len(refs) % 2:
             decoded.reject_series('series with an odd number of label refs')
-            continue
-        if max(refs) >= symbol_count:
+        elif max(refs) >= symbol_count:
             decoded.reject_series(f'label ref out of range of {symbol_count} symbols')
-            continue
-        if refs[0] == name_ref:
-            value_ref = refs[1]
         else:
             pairs = iter(refs)
-            value_ref = next((v for n, v in zip(pairs, pairs) if n == name_ref), 0)
-        if not symbols[value_ref]:
+            labels = {symbols[name]: symbols[value] for name, value in zip(pairs, pairs)}
+            if labels.get('__name__'):
+                metric = wanted.get(labels['__name__'])
+                if metric is not None:
+                    kept += count
+                    _collect_samples(decoded, metric, labels, series.samples, count,
+                                     default_cluster)
+                continue
             decoded.reject_series('series with no __name__ label')
-            continue
-        samples = series.samples
-        count = len(samples)
-        decoded.samples_total += count
-        metric = wanted_refs.get(value_ref)
-        if metric is None:
-            decoded.unexported += count
-            continue
-        pairs = iter(refs)
-        labels = {symbols[n]: symbols[v] for n, v in zip(pairs, pairs)}
-        _collect_samples(decoded, metric, labels, samples, count, default_cluster)
+        invalid += count
+    decoded.samples_total = len(tally.timeseries.samples) - invalid
+    decoded.unexported = decoded.samples_total - kept
     return decoded
+
+
+def _varint(number):
+    """Protobuf's base-128 varint encoding of a non-negative integer."""
+    out = bytearray()
+    while number >= 0x80:
+        out.append(number & 0x7F | 0x80)
+        number >>= 7
+    out.append(number)
+    return bytes(out)
 
 
 def _collect_samples(decoded, metric, labels, samples, count, default_cluster):
@@ -528,45 +550,70 @@ def pod_value(rule, series):
         return None
     if rule == RULE_POD_CGROUP:
         pod_level = [entry[1] for key, entry in series.items() if key.pod_cgroup]
-        if pod_level:
-            return math.fsum(pod_level)
-        return math.fsum(entry[1] for entry in series.values())
+        return sum_values(pod_level or [entry[1] for entry in series.values()])
     containers = [(key.device, entry[1]) for key, entry in series.items() if not key.pod_cgroup]
     if not containers:
         return None
     if rule == RULE_SUM:
-        return math.fsum(value for _, value in containers)
+        return sum_values([value for _, value in containers])
     # Containers of one pod share the pod's devices: count each device once,
-    # at the largest limit reported for it.
+    # at the largest limit reported for it (NaN only if all are NaN, as
+    # PromQL's max).
     limits = {}
     for device, value in containers:
-        if device not in limits or value > limits[device]:
+        known = limits.get(device)
+        if known is None or value > known or known != known:
             limits[device] = value
-    return math.fsum(limits.values())
+    return sum_values(limits.values())
+
+
+def sum_values(values):
+    """The correctly rounded sum, as IEEE addition would end: never raises.
+
+    math.fsum raises where a float sum gives +-Inf or NaN; the input is
+    whatever senders wrote, so those cases are answered, not raised.
+    """
+    values = list(values)
+    try:
+        return math.fsum(values)
+    except ValueError:        # +Inf and -Inf together
+        return math.nan
+    except OverflowError:     # past 1.8e308; scaling by a power of two is exact
+        return math.fsum(value * 2.0 ** -53 for value in values) * 2.0 ** 53
 
 
 ###############################################################################
 # The store ###################################################################
 ###############################################################################
 
-SWEEP_CHUNK_PODS = 500   # pods expired per lock hold: ~2 ms for 500 pods
+SWEEP_CHUNK_PODS = 500   # pods expired per lock hold: ~4 ms for 500 pods
 
 
 class PodState:
-    """The input series of one pod, one dict per exported metric."""
-    __slots__ = ('series', 'series_count')
+    """One pod: its input series, one dict per exported metric, and its lines.
 
-    def __init__(self, metric_count):
+    lines holds the pod's rendered output line per metric ('' for none). It
+    is a tuple, replaced whole under the store lock, so a scrape can take
+    the references under the lock and join them after releasing it.
+    """
+    __slots__ = ('key', 'series', 'series_count', 'lines', 'label_text')
+
+    def __init__(self, key, metric_count):
+        self.key = key
         self.series = [{} for _ in range(metric_count)]
         self.series_count = 0
+        self.lines = ('',) * metric_count
+        self.label_text = pod_label_text(key)
 
 
 class Store:
     """All mutable state of the exporter, behind one lock.
 
     Writes are decoded outside the lock and applied under it in one piece,
-    so a scrape sees all of a request or none of it. Each pod's output lines
-    are rendered when its value changes, so a scrape only joins strings.
+    so a scrape sees all of a request or none of it. A pod's output lines
+    are re-rendered when one of its series changes, and the pods are kept in
+    output order, so a scrape only joins strings: 10,000 pods in ~15 ms,
+    where looking each line up by pod took ~170 ms.
     """
 
     def __init__(self, config):
@@ -574,30 +621,29 @@ class Store:
         self.metric_names = config.metrics
         self.rules = [aggregation_rule(name) for name in config.metrics]
         self._lock = threading.Lock()
-        self._pods = {}                                         # PodKey -> PodState
-        self._lines = [{} for _ in config.metrics]              # per metric: PodKey -> line
-        self._label_text = {}                                   # PodKey -> (prefix, suffix)
+        self._pods = {}              # PodKey -> PodState
+        self._pod_keys = []          # sorted PodKeys: the output order
+        self._pod_order = []         # PodStates, in the order of _pod_keys
         self._series_count = 0
-        self._version = 0            # bumps on every change of the exported lines
-        self._sorted_pods = None     # cached sort of self._pods, None when stale
+        self._version = 0            # bumps on every change of the output lines
         self._next_sweep = 0.0
-        self._sweeping = False
+        self._sweeper = None
         self.counters = SelfMetrics()
 
     # -- writes --------------------------------------------------------------
 
     def apply(self, samples, received):
         """Apply one request's samples at once; return how many were refused."""
-        touched = set()
-        refused = 0
-        ignored = 0
+        touched = {}                 # PodState -> metrics whose input changed
+        created = []
+        refused = ignored = 0
         with self._lock:
             pods = self._pods
             for pod_key, metric, series_key, timestamp_ms, value in samples:
                 pod = pods.get(pod_key)
                 if pod is None:
-                    pod = pods[pod_key] = PodState(len(self.metric_names))
-                    self._sorted_pods = None
+                    pod = self._add_pod(pod_key)
+                    created.append(pod)
                 series = pod.series[metric]
                 old = series.get(series_key)
                 if old is not None and timestamp_ms <= old[0]:
@@ -608,7 +654,7 @@ class Store:
                         del series[series_key]
                         pod.series_count -= 1
                         self._series_count -= 1
-                        touched.add((pod_key, metric))
+                        touched.setdefault(pod, set()).add(metric)
                     continue
                 if old is None:
                     if self._series_count >= self.config.max_series:
@@ -617,96 +663,118 @@ class Store:
                     pod.series_count += 1
                     self._series_count += 1
                 series[series_key] = (timestamp_ms, value, received)
-                touched.add((pod_key, metric))
-            for pod_key, metric in touched:
-                self._refresh_line(pod_key, metric)
+                touched.setdefault(pod, set()).add(metric)
+            for pod, metrics in touched.items():
+                self._render_pod(pod, metrics)
+            for pod in created:   # refused or stale-only samples can leave it empty
+                if pod.series_count == 0:
+                    self._remove_pod(pod)
             if touched:
                 self._version += 1
             self.counters.ignored['out_of_order'] += ignored
             self.counters.ignored['series_limit'] += refused
         return refused
 
-    def _refresh_line(self, pod_key, metric):
-        """Re-render one output line after its input series changed (lock held)."""
-        pod = self._pods.get(pod_key)
-        lines = self._lines[metric]
-        value = pod_value(self.rules[metric], pod.series[metric]) if pod else None
-        if value is None:
-            lines.pop(pod_key, None)
-        else:
-            prefix, suffix = self._label_text_for(pod_key)
+    def _render_pod(self, pod, metrics):
+        """Recompute and render a pod's lines for metrics (lock held)."""
+        if pod.series_count == 0:
+            self._remove_pod(pod)
+            return
+        lines = list(pod.lines)
+        cluster, after_item = pod.label_text
+        for metric in metrics:
+            value = pod_value(self.rules[metric], pod.series[metric])
             name = self.metric_names[metric]
-            lines[pod_key] = f'{name}{prefix}{name}{suffix}{format_go_float(value)}\n'
-        if pod is not None and pod.series_count == 0:
-            del self._pods[pod_key]
-            self._label_text.pop(pod_key, None)
-            self._sorted_pods = None
+            lines[metric] = '' if value is None else (
+                f'{name}{{cluster="{cluster}",item="{name}"{after_item}}} '
+                f'{format_go_float(value)}\n')
+        pod.lines = tuple(lines)
 
-    def _label_text_for(self, pod_key):
-        text = self._label_text.get(pod_key)
-        if text is None:
-            cluster, job, namespace, pod = map(escape_label_value, pod_key)
-            text = self._label_text[pod_key] = (
-                f'{{cluster="{cluster}",item="',
-                f'",job="{job}",namespace="{namespace}",pod="{pod}"}} ')
-        return text
+    def _add_pod(self, pod_key):
+        pod = self._pods[pod_key] = PodState(pod_key, len(self.metric_names))
+        index = bisect.bisect_left(self._pod_keys, pod_key)
+        self._pod_keys.insert(index, pod_key)
+        self._pod_order.insert(index, pod)
+        return pod
+
+    def _remove_pod(self, pod):
+        if self._pods.pop(pod.key, None) is None:
+            return
+        index = bisect.bisect_left(self._pod_keys, pod.key)
+        del self._pod_keys[index]
+        del self._pod_order[index]
 
     # -- expiry --------------------------------------------------------------
 
-    def expire(self, now):
-        """Forget series not received for ttl_seconds, a bounded slice per lock hold.
+    def start_sweeper(self):
+        """Expire old series from a background thread, once per process.
 
-        Called from requests; one thread sweeps at a time and the others go on.
+        Started on the first request, after gunicorn has forked the worker,
+        so neither scrapes nor writes wait for a sweep.
         """
+        if self._sweeper is not None:
+            return
+        with self._lock:
+            if self._sweeper is not None:
+                return
+            self._sweeper = threading.Thread(target=self._sweep_forever, daemon=True,
+                                             name='k8s_exporter-expiry')
+        self._sweeper.start()
+
+    def _sweep_forever(self):
+        # Expire at most 10% late, and look at least every 10 s.
+        interval = min(self.config.ttl_seconds / 10, 10.0)
+        while True:
+            time.sleep(interval)
+            try:
+                self.expire(time.monotonic())
+            except Exception:    # keep expiring; a fault here must not end the thread
+                LOG.exception('expiry sweep failed')
+
+    def expire(self, now):
+        """Forget series not received for ttl_seconds, a bounded slice per lock hold."""
         cutoff = now - self.config.ttl_seconds
         with self._lock:
-            if self._sweeping or now < self._next_sweep:
-                return
-            self._sweeping = True
-            pod_keys = list(self._pods)
-        try:
-            for start in range(0, len(pod_keys), SWEEP_CHUNK_PODS):
-                with self._lock:
-                    changed = False
-                    for pod_key in pod_keys[start:start + SWEEP_CHUNK_PODS]:
-                        changed |= self._expire_pod(pod_key, cutoff)
-                    if changed:
-                        self._version += 1
-        finally:
+            pods = list(self._pod_order)
+        for start in range(0, len(pods), SWEEP_CHUNK_PODS):
             with self._lock:
-                self._sweeping = False
-                # Expire at most 10% late, and look at least every 10 s.
-                self._next_sweep = now + min(self.config.ttl_seconds / 10, 10.0)
+                changed = False
+                for pod in pods[start:start + SWEEP_CHUNK_PODS]:
+                    changed |= self._expire_pod(pod, cutoff)
+                if changed:
+                    self._version += 1
 
-    def _expire_pod(self, pod_key, cutoff):
-        pod = self._pods.get(pod_key)
-        if pod is None:
-            return False
-        changed = False
+    def _expire_pod(self, pod, cutoff):
+        if self._pods.get(pod.key) is not pod:
+            return False       # removed since the sweep began
+        changed = set()
         for metric, series in enumerate(pod.series):
             expired = [key for key, entry in series.items() if entry[2] < cutoff]
-            if not expired:
-                continue
             for key in expired:
                 del series[key]
-            pod.series_count -= len(expired)
-            self._series_count -= len(expired)
-            self.counters.expired_series += len(expired)
-            self._refresh_line(pod_key, metric)
-            changed = True
-        return changed
+            if expired:
+                pod.series_count -= len(expired)
+                self._series_count -= len(expired)
+                self.counters.expired_series += len(expired)
+                changed.add(metric)
+        if changed:
+            self._render_pod(pod, changed)
+        return bool(changed)
 
     # -- reads ---------------------------------------------------------------
 
-    def snapshot(self):
-        """A consistent copy of what /metrics shows, taken in one lock hold."""
+    def snapshot(self, known_version=None):
+        """A consistent copy of what /metrics shows, taken in one lock hold.
+
+        lines is None when the version is still known_version: the caller
+        already has them, and nothing is copied.
+        """
         with self._lock:
-            if self._sorted_pods is None:
-                self._sorted_pods = sorted(self._pods)
+            unchanged = self._version == known_version
             return StoreSnapshot(
                 version=self._version,
-                pods=self._sorted_pods,
-                lines=[lines.copy() for lines in self._lines],
+                lines=None if unchanged else [pod.lines for pod in self._pod_order],
+                pod_count=len(self._pods),
                 series_count=self._series_count,
                 counters=self.counters.copy(),
             )
@@ -719,8 +787,8 @@ class Store:
 
 class StoreSnapshot(NamedTuple):
     version: int
-    pods: list       # sorted PodKeys; never mutated after it is published
-    lines: list      # per metric: PodKey -> rendered line
+    lines: list      # per pod in output order: its lines tuple, one per metric
+    pod_count: int
     series_count: int
     counters: 'SelfMetrics'
 
@@ -777,8 +845,17 @@ def format_go_float(value):
         return 'NaN'
     if value in (math.inf, -math.inf):
         return '+Inf' if value > 0 else '-Inf'
-    if value.is_integer() and -1e6 < value < 1e6:
-        return '-0' if value == 0 and math.copysign(1, value) < 0 else str(int(value))
+    if value.is_integer() and -2.0**53 <= value <= 2.0**53:
+        # Below 2**53 the integer's digits are the shortest round-trip
+        # digits; byte counts take this path (3x faster than parsing repr).
+        if -1e6 < value < 1e6:
+            return '-0' if value == 0 and math.copysign(1, value) < 0 else str(int(value))
+        digits = str(int(value))
+        sign = '-' if value < 0 else ''
+        exponent = len(digits) - 1 - len(sign)
+        mantissa = digits[len(sign):].rstrip('0')
+        tail = '.' + mantissa[1:] if len(mantissa) > 1 else ''
+        return f'{sign}{mantissa[0]}{tail}e+{exponent:02d}'
     # repr gives the shortest digits that round-trip, as Go's 'g', -1 does;
     # only the layout differs.
     mantissa, _, exponent = repr(value).partition('e')
@@ -820,12 +897,17 @@ def render_pod_families(metric_names, snapshot):
     """The exported container families, in name order, series in label order."""
     parts = []
     for metric, name in enumerate(metric_names):
-        lines = snapshot.lines[metric]
-        if not lines:
-            continue   # as Go's client: a family without series is not shown
-        parts.append(f'# HELP {name} {escape_help(metric_help(name))}\n# TYPE {name} gauge\n')
-        parts.extend(lines[pod] for pod in snapshot.pods if pod in lines)
+        series = ''.join([lines[metric] for lines in snapshot.lines])
+        if series:     # as Go's client: a family without series is not shown
+            parts.append(f'# HELP {name} {escape_help(metric_help(name))}\n'
+                         f'# TYPE {name} gauge\n{series}')
     return ''.join(parts).encode()
+
+
+def pod_label_text(pod):
+    """A pod's escaped cluster value, and its labels after item."""
+    cluster, job, namespace, name = map(escape_label_value, pod)
+    return cluster, f',job="{job}",namespace="{namespace}",pod="{name}"'
 
 
 def render_self_metrics(snapshot, process):
@@ -854,7 +936,7 @@ def render_self_metrics(snapshot, process):
            'Unix time of the last write request that was applied.',
            [('', counters.last_write_success)])
     family('k8s_exporter_pods', 'gauge', 'Pods with at least one input series.',
-           [('', len(snapshot.pods))])
+           [('', snapshot.pod_count)])
     family('k8s_exporter_samples_ignored_total', 'counter',
            'Samples received and not stored, by reason.',
            [(f'{{reason="{reason}"}}', count)
@@ -918,35 +1000,38 @@ def read_process_metrics():
 
 
 class ExpositionCache:
-    """The pod families of the last snapshot, plain and as a gzip prefix.
+    """The pod families of the last render, plain and as a gzip prefix.
 
-    At 10,000 pods the families are ~9 MB; rendering and compressing them
-    again only when the store changed keeps repeated scrapes cheap. Only the
-    small self-metrics tail is compressed per scrape, on a copy of the saved
-    compressor, so the response is still one ordinary gzip stream.
+    At 10,000 pods the families are ~9 MB: they are joined again only when
+    the store changed. Only the small self-metrics tail is compressed per
+    scrape, on a copy of the saved compressor, so the response is still one
+    ordinary gzip stream.
+
+    The cache is derived data, replaced whole by one assignment; two scrapes
+    at the same moment may both render, and either result is right.
     """
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._version = None
-        self._plain = b''
-        self._gzip_prefix = None
-        self._gzip_state = None
+        self._rendered = (None, b'')         # (store version, families)
+        self._gzipped = (None, b'', None)    # (store version, prefix, compressor)
 
-    def families(self, metric_names, snapshot, want_gzip):
-        """Return (plain bytes, (gzip prefix, compressor) or None) for snapshot."""
-        with self._lock:
-            if self._version != snapshot.version:
-                self._plain = render_pod_families(metric_names, snapshot)
-                self._gzip_prefix = self._gzip_state = None
-                self._version = snapshot.version
-            if want_gzip and self._gzip_state is None:
-                compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-                self._gzip_prefix = (compressor.compress(self._plain)
-                                     + compressor.flush(zlib.Z_SYNC_FLUSH))
-                self._gzip_state = compressor
-            gzip_part = (self._gzip_prefix, self._gzip_state.copy()) if want_gzip else None
-            return self._plain, gzip_part
+    def families(self, store, metric_names, want_gzip):
+        """(snapshot, plain families, (gzip prefix, compressor) or None)."""
+        version, plain = self._rendered
+        snapshot = store.snapshot(known_version=version)
+        if snapshot.lines is not None:
+            plain = render_pod_families(metric_names, snapshot)
+            self._rendered = (snapshot.version, plain)
+        if not want_gzip:
+            return snapshot, plain, None
+        gzip_version, prefix, compressor = self._gzipped
+        if gzip_version != snapshot.version:
+            # Level 1: 9 MB in ~20 ms; the default 6 takes several times
+            # longer for output only ~25% smaller.
+            compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            prefix = compressor.compress(plain) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            self._gzipped = (snapshot.version, prefix, compressor)
+        return snapshot, plain, (prefix, compressor.copy())
 
 
 ###############################################################################
@@ -964,7 +1049,8 @@ INDEX_HTML = b'''<!DOCTYPE html>
 </body></html>
 '''
 HTTP_REASONS = {200: 'OK', 204: 'No Content', 400: 'Bad Request', 401: 'Unauthorized',
-                404: 'Not Found', 405: 'Method Not Allowed', 411: 'Length Required',
+                404: 'Not Found', 405: 'Method Not Allowed', 408: 'Request Timeout',
+                411: 'Length Required',
                 413: 'Content Too Large', 415: 'Unsupported Media Type',
                 500: 'Internal Server Error', 503: 'Service Unavailable'}
 
@@ -991,6 +1077,7 @@ class Exporter:
             self.routes[path] = ('write', ('POST',), self.receive_write, config.write_auth)
 
     def __call__(self, environ, start_response):
+        self.store.start_sweeper()
         route = self.routes.get(environ.get('PATH_INFO') or '/')
         if route is None:
             handler, response = 'unknown', text_response(404, 'not found; see / for the endpoints')
@@ -1034,7 +1121,6 @@ class Exporter:
                 decoded = decode_write_request(payload, protocol, self.wanted,
                                                self.config.cluster)
                 del payload
-            self.store.expire(started)
             refused = self.store.apply(decoded.samples, started)
             written = decoded.samples_total - refused
             self.store.count(lambda counters: _count_write(counters, decoded, refused,
@@ -1059,10 +1145,9 @@ class Exporter:
     # -- GET /metrics --------------------------------------------------------
 
     def serve_metrics(self, environ):
-        self.store.expire(time.monotonic())
-        snapshot = self.store.snapshot()
         want_gzip = accepts_gzip(environ.get('HTTP_ACCEPT_ENCODING', ''))
-        plain, gzip_part = self.exposition.families(self.config.metrics, snapshot, want_gzip)
+        snapshot, plain, gzip_part = self.exposition.families(self.store, self.config.metrics,
+                                                              want_gzip)
         tail = render_self_metrics(snapshot, read_process_metrics())
         headers = [('Content-Type', CONTENT_TYPE_TEXT_004)]
         if gzip_part:
@@ -1115,17 +1200,26 @@ def read_body(environ, max_body_bytes):
         if length > max_body_bytes:
             raise RequestError(413, f'body of {length} bytes exceeds the limit of '
                                     f'{max_body_bytes}')
-        body = stream.read(length)
+        body = _read(stream, length)
         if len(body) < length:
             raise RequestError(400, f'body ended after {len(body)} of {length} bytes')
     else:
         # Chunked: read one byte past the limit to tell "at" from "over".
-        body = stream.read(max_body_bytes + 1)
+        body = _read(stream, max_body_bytes + 1)
         if len(body) > max_body_bytes:
             raise RequestError(413, f'body exceeds the limit of {max_body_bytes} bytes')
     if not body:
         raise RequestError(400, 'empty body')
     return body
+
+
+def _read(stream, size):
+    try:
+        return stream.read(size)
+    except OSError:
+        # The receive timeout set on gunicorn's sockets (RECEIVE_TIMEOUT_SECONDS)
+        # ends a client that stopped sending half way.
+        raise RequestError(408, 'request body not received in time') from None
 
 
 def accepts_gzip(accept_encoding):
@@ -1160,6 +1254,19 @@ except ConfigError as error:
 # Entry point #################################################################
 ###############################################################################
 
+# gunicorn's threaded worker reads a request on a blocking socket with no
+# timeout, so a client that stops half way through its headers or body
+# holds one of the eight threads for ever. SO_RCVTIMEO on the listening
+# socket is inherited by every accepted one and ends such a read.
+RECEIVE_TIMEOUT_SECONDS = 10
+
+
+def set_receive_timeout(sockets, seconds=RECEIVE_TIMEOUT_SECONDS):
+    timeval = struct.pack('ll', int(seconds), int(seconds % 1 * 1e6))
+    for listening_socket in sockets:
+        listening_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+
+
 def main():
     """Serve like `make run`: gunicorn, one worker, eight threads."""
     config = app.config
@@ -1183,7 +1290,10 @@ def main():
     class ExporterServer(BaseApplication):
         def load_config(self):
             for key, value in (('bind', config.listen), ('workers', 1), ('threads', 8),
-                               ('timeout', 60), ('graceful_timeout', 30)):
+                               ('timeout', 60), ('graceful_timeout', 30), ('keepalive', 75),
+                               ('control_socket_disable', True),
+                               ('when_ready', lambda server: set_receive_timeout(
+                                   listener.sock for listener in server.LISTENERS))):
                 self.cfg.set(key, value)
 
         def load(self):
