@@ -1,0 +1,868 @@
+"""Benchmark k8s_exporter against Prometheus's own remote-write receiver.
+
+    make bench                              # 1,000 and 10,000 pods, ~5 min on 2 cores
+    .venv/bin/python bench_k8s_exporter.py --quick          # small sizes, smoke run
+    .venv/bin/python bench_k8s_exporter.py --pods 1000,10000
+
+A Prometheus with --web.enable-remote-write-receiver plus /federate is what a
+user would run instead of the exporter, so it is the yardstick: both get the
+same pre-encoded remote-write bodies, built from a model of kubelet
+/metrics/cadvisor output, in the same run. Measured after one warm-up pass
+over the same series (steady state), per size:
+
+  1. ingest: samples per second of wall time, and per CPU-second of the
+     server process (utime + stime from /proc/PID/stat of the gunicorn worker
+     and of prometheus), RW 1.0 and RW 2.0 (Prometheus 2.42 takes RW 1.0 only);
+  2. scrape: /metrics (median and p99 of 20), plain and gzip, beside
+     /federate for the same five metric names over the same data;
+  3. memory: the worker's RSS after loading, and bytes per stored input series;
+  4. /metrics latency while writes run at full speed;
+  5. churn: pods replaced every pass, short TTL and stale markers; input
+     series and RSS must stay flat.
+"""
+
+import argparse
+import array
+import http.client
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import snappy
+
+HERE = Path(__file__).resolve().parent
+VENV_BIN = Path(sys.executable).parent
+
+EXPORTED = ('container_cpu_load_average_10s', 'container_fs_limit_bytes',
+            'container_fs_usage_bytes', 'container_memory_max_usage_bytes',
+            'container_memory_usage_bytes')
+RW1_HEADERS = {'Content-Type': 'application/x-protobuf;proto=prometheus.WriteRequest',
+               'Content-Encoding': 'snappy', 'X-Prometheus-Remote-Write-Version': '0.1.0'}
+RW2_HEADERS = {'Content-Type': 'application/x-protobuf;proto=io.prometheus.write.v2.Request',
+               'Content-Encoding': 'snappy', 'X-Prometheus-Remote-Write-Version': '2.0.0'}
+MAX_SAMPLES_PER_SEND = 2000   # Prometheus's queue_config default
+SENDERS = 4                   # concurrent shards, as a queue manager runs a few in steady state
+PODS_PER_NODE = 30
+STALE_NAN = struct.unpack('<d', struct.pack('<Q', 0x7FF0000000000002))[0]
+CLOCK_TICKS = os.sysconf('SC_CLK_TCK')
+PAGE_SIZE = os.sysconf('SC_PAGE_SIZE')
+
+
+###############################################################################
+# A kubelet /metrics/cadvisor model ###########################################
+###############################################################################
+
+# Families every cgroup reports: (name, counter?, extra label sets).
+CGROUP_FAMILIES = [
+    ('container_cpu_cfs_periods_total', True, [()]),
+    ('container_cpu_cfs_throttled_periods_total', True, [()]),
+    ('container_cpu_cfs_throttled_seconds_total', True, [()]),
+    ('container_cpu_load_average_10s', False, [()]),
+    ('container_cpu_system_seconds_total', True, [()]),
+    ('container_cpu_usage_seconds_total', True, [(('cpu', 'total'),)]),
+    ('container_cpu_user_seconds_total', True, [()]),
+    ('container_file_descriptors', False, [()]),
+    ('container_last_seen', False, [()]),
+    ('container_memory_cache', False, [()]),
+    ('container_memory_failcnt', True, [()]),
+    ('container_memory_failures_total', True,
+     [(('failure_type', kind), ('scope', scope)) for kind in ('pgfault', 'pgmajfault')
+      for scope in ('container', 'hierarchy')]),
+    ('container_memory_mapped_file', False, [()]),
+    ('container_memory_max_usage_bytes', False, [()]),
+    ('container_memory_rss', False, [()]),
+    ('container_memory_swap', False, [()]),
+    ('container_memory_usage_bytes', False, [()]),
+    ('container_memory_working_set_bytes', False, [()]),
+    ('container_oom_events_total', True, [()]),
+    ('container_processes', False, [()]),
+    ('container_sockets', False, [()]),
+    ('container_spec_cpu_period', False, [()]),
+    ('container_spec_cpu_quota', False, [()]),
+    ('container_spec_cpu_shares', False, [()]),
+    ('container_spec_memory_limit_bytes', False, [()]),
+    ('container_spec_memory_reservation_limit_bytes', False, [()]),
+    ('container_spec_memory_swap_limit_bytes', False, [()]),
+    ('container_start_time_seconds', False, [()]),
+    ('container_tasks_state', False,
+     [(('state', state),) for state in ('iowaiting', 'running', 'sleeping', 'stopped',
+                                         'uninterruptible')]),
+    ('container_threads', False, [()]),
+    ('container_threads_max', False, [()]),
+]
+# Per core, as cAdvisor with per-cpu accounting reports for the pod cgroup.
+NODE_CORES = 4
+PER_CORE_FAMILY = ('container_cpu_usage_seconds_total', True,
+                   [(('cpu', f'cpu{core:02d}'),) for core in range(NODE_CORES)])
+BLKIO_OPERATIONS = ('Async', 'Discard', 'Read', 'Sync', 'Total', 'Write')
+# Block I/O of the pod cgroup, per device of the node.
+POD_IO_FAMILIES = ['container_fs_reads_bytes_total', 'container_fs_reads_total',
+                   'container_fs_writes_bytes_total', 'container_fs_writes_total']
+# Filesystem of a container's writable layer, per device.
+CONTAINER_FS_FAMILIES = [
+    ('container_fs_inodes_free', False), ('container_fs_inodes_total', False),
+    ('container_fs_io_current', False), ('container_fs_io_time_seconds_total', True),
+    ('container_fs_io_time_weighted_seconds_total', True), ('container_fs_limit_bytes', False),
+    ('container_fs_read_seconds_total', True), ('container_fs_reads_merged_total', True),
+    ('container_fs_reads_total', True), ('container_fs_sector_reads_total', True),
+    ('container_fs_sector_writes_total', True), ('container_fs_usage_bytes', False),
+    ('container_fs_write_seconds_total', True), ('container_fs_writes_merged_total', True),
+    ('container_fs_writes_total', True)]
+# The pause container owns the pod's network namespace.
+NETWORK_FAMILIES = [f'container_network_{direction}_{what}_total'
+                    for direction in ('receive', 'transmit')
+                    for what in ('bytes', 'errors', 'packets_dropped', 'packets')]
+NODE_CGROUPS = ('/', '/kubepods', '/kubepods/besteffort', '/kubepods/burstable',
+                '/system.slice/containerd.service', '/system.slice/docker.service',
+                '/system.slice/kubelet.service', '/system.slice/sshd.service')
+MACHINE_FAMILIES = ('machine_cpu_cores', 'machine_cpu_physical_cores', 'machine_cpu_sockets',
+                    'machine_memory_bytes', 'machine_scrape_error')
+
+NAMESPACES = ('default', 'payments', 'checkout-service', 'kube-system', 'monitoring',
+              'logging', 'ingress-nginx', 'data-pipeline', 'search-platform', 'ml-serving')
+WORKLOADS = [  # (workload, app containers with their images)
+    ('api-gateway', [('gateway', 'registry.example.com/platform/api-gateway:v2.31.4'),
+                     ('istio-proxy', 'docker.io/istio/proxyv2:1.20.1')]),
+    ('orders-worker', [('worker', 'registry.example.com/checkout/orders-worker:2024.06.1')]),
+    ('fluent-bit', [('fluent-bit', 'cr.fluentbit.io/fluent/fluent-bit:2.2.2')]),
+    ('redis-cache', [('redis', 'docker.io/library/redis:7.2.4-alpine'),
+                     ('metrics', 'docker.io/oliver006/redis_exporter:v1.58.0'),
+                     ('istio-proxy', 'docker.io/istio/proxyv2:1.20.1')]),
+    ('nginx-frontend', [('nginx', 'docker.io/library/nginx:1.25.3-alpine')]),
+    ('search-indexer', [('indexer', 'registry.example.com/search/indexer:v0.42.0'),
+                        ('istio-proxy', 'docker.io/istio/proxyv2:1.20.1')]),
+]
+PAUSE_IMAGE = '602401143452.dkr.ecr.eu-west-1.amazonaws.com/eks/pause:3.5'
+DEVICES = ('/dev/nvme0n1p1',)
+
+
+class Series:
+    """One input series: its sorted labels, and how its value moves per pass."""
+    __slots__ = ('labels', 'base', 'step')
+
+    def __init__(self, labels, base, step):
+        self.labels = labels
+        self.base = base
+        self.step = step
+
+
+def cluster_model(pods, generation=0, seed=1):
+    """The series prometheus1 would forward for `pods` pods on 30-pod nodes.
+
+    Labels are what a kube-prometheus-stack kubelet ServiceMonitor attaches
+    (endpoint, instance, job, metrics_path, node, service) plus an external
+    `cluster` label; empty labels are absent, as Prometheus drops them.
+    generation makes every pod name and uid new, for churn.
+    """
+    rng = random.Random(seed * 1_000_003 + generation)
+    series = []
+    nodes = math.ceil(pods / PODS_PER_NODE)
+    for node in range(nodes):
+        node_name = f'ip-10-{node // 250}-{node % 250}-{17 + node % 200}.eu-west-1.compute.internal'
+        target = [('cluster', 'prod-eu-west-1'), ('endpoint', 'https-metrics'),
+                  ('instance', f'10.{node // 250}.{node % 250}.17:10250'), ('job', 'kubelet'),
+                  ('metrics_path', '/metrics/cadvisor'), ('node', node_name),
+                  ('service', 'kube-prometheus-stack-kubelet')]
+        node_pods = min(PODS_PER_NODE, pods - node * PODS_PER_NODE)
+        cgroups = []   # (kind, labels without __name__)
+        for cgroup in NODE_CGROUPS:
+            cgroups.append(('node', target + [('id', cgroup)]))
+        for _ in range(node_pods):
+            workload, containers = WORKLOADS[rng.randrange(len(WORKLOADS))]
+            namespace = NAMESPACES[rng.randrange(len(NAMESPACES))]
+            uid = '%08x-%04x-4%03x-%04x-%012x' % (
+                rng.getrandbits(32), rng.getrandbits(16), rng.getrandbits(12),
+                0x8000 | rng.getrandbits(14), rng.getrandbits(48))
+            pod = f'{workload}-{rng.getrandbits(40):010x}-{rng.getrandbits(25):05x}'[:60]
+            qos = 'burstable' if rng.random() < 0.8 else 'besteffort'
+            pod_cgroup = f'/kubepods/{qos}/pod{uid}'
+            identity = [('namespace', namespace), ('pod', pod)]
+            cgroups.append(('pod', target + identity + [('id', pod_cgroup)]))
+            for container, image in [('POD', PAUSE_IMAGE)] + containers:
+                cgroups.append(('pause' if container == 'POD' else 'app', target + identity + [
+                    ('container', container), ('id', f'{pod_cgroup}/{rng.getrandbits(256):064x}'),
+                    ('image', image), ('name', f'k8s_{container}_{pod}_{namespace}_{uid}_0')]))
+        for kind, base_labels in cgroups:
+            families = list(CGROUP_FAMILIES)
+            if kind == 'pod':
+                families.append(PER_CORE_FAMILY)
+                families += [('container_blkio_device_usage_total', True,
+                              [(('device', device), ('major', '259'), ('minor', '0'),
+                                ('operation', operation))
+                               for device in DEVICES for operation in BLKIO_OPERATIONS])]
+                families += [(name, True, [(('device', device),) for device in DEVICES])
+                             for name in POD_IO_FAMILIES]
+            if kind in ('pause', 'app'):
+                families += [(name, counter, [(('device', device),) for device in DEVICES])
+                             for name, counter in CONTAINER_FS_FAMILIES]
+                families.append(('container_ulimits_soft', False,
+                                 [(('ulimit', 'max_open_files'),)]))
+            if kind == 'pause':
+                families += [(name, True, [(('interface', 'eth0'),)])
+                             for name in NETWORK_FAMILIES]
+            for name, counter, extras in families:
+                for extra in extras:
+                    labels = sorted([('__name__', name), *base_labels, *extra])
+                    base = float(rng.randrange(1, 1 << 30))
+                    step = float(rng.randrange(1, 5000)) if counter or name in EXPORTED else 0.0
+                    series.append(Series(tuple(labels), base, step))
+        for name in MACHINE_FAMILIES:
+            labels = sorted([('__name__', name), *target,
+                             ('boot_id', f'{rng.getrandbits(128):032x}'),
+                             ('machine_id', f'ec2{rng.getrandbits(116):029x}'),
+                             ('system_uuid', f'ec2{rng.getrandbits(116):029x}')])
+            series.append(Series(tuple(labels), float(rng.randrange(1, 64)), 0.0))
+    return series
+
+
+def interleave_like_shards(series, shards):
+    """Reorder series as a queue manager's shards would send them.
+
+    Prometheus hashes each series to one shard; a shard's batch holds the
+    series of a run of consecutive scrapes, not of one pod.
+    """
+    queues = [[] for _ in range(shards)]
+    for item in series:
+        queues[hash(item.labels) % shards].append(item)
+    return queues
+
+
+###############################################################################
+# Remote-write encoding, with samples patched in place per pass ###############
+###############################################################################
+
+def _varint(value):
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(tag, payload):
+    return tag + _varint(len(payload)) + payload
+
+
+# A sample message, tag and length included, for a 6-byte-varint timestamp
+# (2^35 <= ms < 2^42: years 1971-2109): its bytes have a fixed length, so a
+# body built once is re-stamped for every pass by overwriting 16 bytes.
+SAMPLE_FIELD_HEADER = b'\x12\x10\x09'
+SAMPLE_BYTES = 15
+
+
+def _sample_bytes(value, timestamp_varint):
+    return struct.pack('<d', value) + b'\x10' + timestamp_varint
+
+
+class EncodedBatch:
+    """One request body without compression; offsets of its sample slots."""
+    __slots__ = ('body', 'offsets', 'series')
+
+    def __init__(self, body, offsets, series):
+        self.body = body
+        self.offsets = offsets
+        self.series = series
+
+
+def encode_rw1(batch, placeholder):
+    label_cache = {}
+    parts = []
+    offsets = array.array('Q')
+    position = 0
+    for item in batch:
+        encoded = []
+        for pair in item.labels:
+            label = label_cache.get(pair)
+            if label is None:
+                name, value = pair
+                label = label_cache[pair] = _field(b'\x0a', _field(b'\x0a', name.encode())
+                                                   + _field(b'\x12', value.encode()))
+            encoded.append(label)
+        timeseries = b''.join(encoded) + SAMPLE_FIELD_HEADER + placeholder
+        head = b'\x0a' + _varint(len(timeseries))
+        parts.append(head)
+        parts.append(timeseries)
+        offsets.append(position + len(head) + len(timeseries) - SAMPLE_BYTES)
+        position += len(head) + len(timeseries)
+    return EncodedBatch(bytearray(b''.join(parts)), offsets, batch)
+
+
+def encode_rw2(batch, placeholder):
+    symbols = {'': 0}
+    pair_refs = {}
+    refs_of = []
+    for item in batch:
+        refs = []
+        for pair in item.labels:
+            encoded = pair_refs.get(pair)
+            if encoded is None:
+                for text in pair:
+                    if text not in symbols:
+                        symbols[text] = len(symbols)
+                encoded = pair_refs[pair] = (_varint(symbols[pair[0]])
+                                             + _varint(symbols[pair[1]]))
+            refs.append(encoded)
+        refs_of.append(b''.join(refs))
+    parts = [_field(b'\x22', text.encode()) for text in symbols]
+    position = sum(map(len, parts))
+    offsets = array.array('Q')
+    for refs in refs_of:
+        timeseries = _field(b'\x0a', refs) + SAMPLE_FIELD_HEADER + placeholder
+        head = b'\x2a' + _varint(len(timeseries))
+        parts.append(head)
+        parts.append(timeseries)
+        offsets.append(position + len(head) + len(timeseries) - SAMPLE_BYTES)
+        position += len(head) + len(timeseries)
+    return EncodedBatch(bytearray(b''.join(parts)), offsets, batch)
+
+
+def encode_batches(series, protocol, shards=SENDERS):
+    """Batches of at most MAX_SAMPLES_PER_SEND series, interleaved across shards."""
+    placeholder = _sample_bytes(0.0, _varint(1 << 40))
+    encode = encode_rw1 if protocol == 1 else encode_rw2
+    per_shard = []
+    for queue in interleave_like_shards(series, shards):
+        per_shard.append([encode(queue[start:start + MAX_SAMPLES_PER_SEND], placeholder)
+                          for start in range(0, len(queue), MAX_SAMPLES_PER_SEND)])
+    batches = []
+    for round_ in range(max(map(len, per_shard))):
+        batches.extend(shard[round_] for shard in per_shard if round_ < len(shard))
+    return batches
+
+
+def stamp_bodies(batches, pass_number, timestamp_ms, stale=False):
+    """Compressed bodies for one pass: every sample at timestamp_ms."""
+    timestamp_varint = _varint(timestamp_ms)
+    assert len(timestamp_varint) == 6, timestamp_ms
+    pack = struct.Struct('<d').pack
+    bodies = []
+    for batch in batches:
+        body = batch.body
+        for offset, item in zip(batch.offsets, batch.series):
+            value = STALE_NAN if stale else item.base + pass_number * item.step
+            body[offset:offset + SAMPLE_BYTES] = pack(value) + b'\x10' + timestamp_varint
+        bodies.append(snappy.compress(bytes(body)))
+    return bodies
+
+
+###############################################################################
+# Processes under test ########################################################
+###############################################################################
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url_path, port, deadline_seconds, process, what):
+    deadline = time.monotonic() + deadline_seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f'{what} exited with {process.returncode} at start-up')
+        try:
+            if http_get(port, url_path, timeout=1)[0] == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f'{what} not ready after {deadline_seconds} s')
+
+
+def http_get(port, path, headers=None, timeout=60):
+    connection = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
+    try:
+        connection.request('GET', path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def stop_process(process):
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def child_pid(parent_pid, deadline_seconds=20):
+    """The gunicorn worker: the master's only child."""
+    deadline = time.monotonic() + deadline_seconds
+    while time.monotonic() < deadline:
+        for entry in os.listdir('/proc'):
+            if entry.isdigit():
+                try:
+                    stat = Path(f'/proc/{entry}/stat').read_bytes()
+                except OSError:
+                    continue
+                if int(stat.rpartition(b')')[2].split()[1]) == parent_pid:
+                    return int(entry)
+        time.sleep(0.1)
+    raise RuntimeError(f'no worker process under gunicorn master {parent_pid}')
+
+
+def cpu_seconds(pid):
+    fields = Path(f'/proc/{pid}/stat').read_bytes().rpartition(b')')[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_bytes(pid):
+    fields = Path(f'/proc/{pid}/stat').read_bytes().rpartition(b')')[2].split()
+    return int(fields[21]) * PAGE_SIZE
+
+
+class Exporter:
+    """k8s_exporter under gunicorn, started exactly as `make run` starts it."""
+
+    name = 'k8s_exporter'
+
+    def __init__(self, env=None):
+        self.port = free_port()
+        self.env = {**os.environ, **(env or {})}
+        self.process = None
+        self.log = tempfile.TemporaryFile()
+
+    def start(self):
+        self.process = subprocess.Popen(
+            [str(VENV_BIN / 'gunicorn'), '-w', '1', '--threads', '8',
+             '-b', f'127.0.0.1:{self.port}', 'k8s_exporter:app'],
+            cwd=HERE, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for('/-/healthy', self.port, 30, self.process, 'gunicorn')
+        self.pid = child_pid(self.process.pid)
+        return self
+
+    def stop(self):
+        stop_process(self.process)
+        self.log.close()
+
+    def self_metric(self, name):
+        status, body = http_get(self.port, '/metrics')
+        for line in body.decode().splitlines():
+            if line.startswith(name + ' '):
+                return float(line.split()[1])
+        raise RuntimeError(f'{name} not in /metrics')
+
+
+class Prometheus:
+    """Debian's prometheus as a remote-write receiver with nothing to scrape."""
+
+    name = 'prometheus'
+
+    def __init__(self):
+        self.port = free_port()
+        self.directory = tempfile.mkdtemp(prefix='bench-prometheus-')
+        self.process = None
+        self.log = tempfile.TemporaryFile()
+
+    def start(self):
+        config = Path(self.directory, 'prometheus.yml')
+        config.write_text('global: {}\nscrape_configs: []\n')
+        self.process = subprocess.Popen(
+            [shutil.which('prometheus') or '/usr/bin/prometheus', f'--config.file={config}',
+             f'--storage.tsdb.path={self.directory}/data',
+             f'--web.listen-address=127.0.0.1:{self.port}',
+             '--web.enable-remote-write-receiver', '--log.level=warn'],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for('/-/ready', self.port, 60, self.process, 'prometheus')
+        self.pid = self.process.pid
+        return self
+
+    def stop(self):
+        stop_process(self.process)
+        self.log.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+###############################################################################
+# Measurements ################################################################
+###############################################################################
+
+def send_pass(port, bodies, headers, senders=SENDERS):
+    """POST every body over keep-alive connections from concurrent senders.
+
+    Returns (wall seconds, client CPU seconds, failed requests, first error).
+    """
+    next_index = iter(range(len(bodies)))
+    lock = threading.Lock()
+    failures = []
+
+    def sender():
+        connection = http.client.HTTPConnection('127.0.0.1', port, timeout=120)
+        try:
+            while True:
+                with lock:
+                    index = next(next_index, None)
+                if index is None:
+                    return
+                connection.request('POST', '/api/v1/write', body=bodies[index], headers=headers)
+                response = connection.getresponse()
+                reply = response.read()
+                if response.status >= 300:
+                    failures.append(f'{response.status} {reply[:200]!r}')
+        except (OSError, http.client.HTTPException) as error:
+            failures.append(repr(error))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=sender) for _ in range(senders)]
+    client_before = sum(os.times()[:2])
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return wall, sum(os.times()[:2]) - client_before, len(failures), (failures or [''])[0]
+
+
+def measure_ingest(server, bodies, headers, samples):
+    cpu_before = cpu_seconds(server.pid)
+    wall, client_cpu, failed, first = send_pass(server.port, bodies, headers)
+    cpu = cpu_seconds(server.pid) - cpu_before
+    if failed:
+        print(f'  {server.name}: {failed} requests failed, first: {first}', file=sys.stderr)
+    return {'wall': wall, 'cpu': cpu, 'client_cpu': client_cpu, 'failed': failed,
+            'per_wall': samples / wall, 'per_cpu': samples / cpu if cpu else math.inf}
+
+
+def percentile(values, fraction):
+    """Nearest rank: of 20 values, p99 is the largest."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def scrape_latencies(port, path, gzip_encoding, count, budget_seconds=math.inf):
+    """Latency of count scrapes; fewer (at least 3) if they overrun budget_seconds."""
+    headers = {'Accept-Encoding': 'gzip'} if gzip_encoding else {'Accept-Encoding': 'identity'}
+    connection = http.client.HTTPConnection('127.0.0.1', port, timeout=120)
+    seconds, size = [], 0
+    deadline = time.monotonic() + budget_seconds
+    try:
+        for number in range(count):
+            if number >= 3 and time.monotonic() > deadline:
+                break
+            started = time.perf_counter()
+            connection.request('GET', path, headers=headers)
+            response = connection.getresponse()
+            size = len(response.read())
+            seconds.append(time.perf_counter() - started)
+            if response.status != 200:
+                raise RuntimeError(f'GET {path}: {response.status}')
+    finally:
+        connection.close()
+    return {'median': statistics.median(seconds), 'p99': percentile(seconds, 0.99),
+            'bytes': size, 'count': len(seconds)}
+
+
+FEDERATE_PATH = '/federate?' + '&'.join(f'match%5B%5D={name}' for name in EXPORTED)
+
+
+def scrapes_during(port, path, action):
+    """Run action() while one client scrapes path back to back; return (result, seconds)."""
+    done = threading.Event()
+    seconds = []
+
+    def scraper():
+        connection = http.client.HTTPConnection('127.0.0.1', port, timeout=120)
+        try:
+            while not done.is_set():
+                started = time.perf_counter()
+                connection.request('GET', path)
+                response = connection.getresponse()
+                response.read()
+                seconds.append(time.perf_counter() - started)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=scraper)
+    thread.start()
+    try:
+        result = action()
+    finally:
+        done.set()
+        thread.join(timeout=120)
+    return result, seconds
+
+
+class PassClock:
+    """One timestamp per pass: now, and later than the last pass.
+
+    Never ahead of the clock: /federate only sees samples up to now.
+    """
+
+    def __init__(self):
+        self.last = 0
+
+    def next(self):
+        self.last = max(int(time.time() * 1000), self.last + 1)
+        return self.last
+
+
+def bench_size(pods, clock, results, scrape_count):
+    print(f'== {pods} pods: building payloads', file=sys.stderr)
+    built = time.perf_counter()
+    series = cluster_model(pods)
+    samples = len(series)
+    exported = sum(1 for item in series if item.labels[0][1] in EXPORTED)
+    rw1 = encode_batches(series, 1)
+    rw2 = encode_batches(series, 2)
+    print(f'   {samples} series/pass, {exported / samples:.1%} exported, {len(rw1)} requests, '
+          f'built in {time.perf_counter() - built:.1f} s', file=sys.stderr)
+    pass_numbers = iter(range(3, 1 << 30))
+    row = results.setdefault(pods, {'samples': samples, 'exported_share': exported / samples,
+                                    'requests': len(rw1)})
+    exporter = prometheus = None
+    try:
+        # Assigned before start(), so that finally stops a half-started one.
+        exporter = Exporter()
+        exporter.start()
+        prometheus = Prometheus()
+        prometheus.start()
+        time.sleep(1.0)
+        idle_rss = rss_bytes(exporter.pid)
+        warm = stamp_bodies(rw1, 0, clock.next())
+        row['rw1_body_bytes'] = sum(map(len, warm)) / len(warm)
+        for server in (exporter, prometheus):
+            measure_ingest(server, warm, RW1_HEADERS, samples)
+        del warm
+        bodies = stamp_bodies(rw1, 1, clock.next())
+        print('   ingest RW1', file=sys.stderr)
+        row['exporter_rw1'] = measure_ingest(exporter, bodies, RW1_HEADERS, samples)
+        row['prometheus_rw1'] = measure_ingest(prometheus, bodies, RW1_HEADERS, samples)
+        del bodies
+        bodies = stamp_bodies(rw2, 2, clock.next())
+        row['rw2_body_bytes'] = sum(map(len, bodies)) / len(bodies)
+        print('   ingest RW2', file=sys.stderr)
+        row['exporter_rw2'] = measure_ingest(exporter, bodies, RW2_HEADERS, samples)
+        del bodies
+        row['exporter_rss'] = rss_bytes(exporter.pid)
+        row['exporter_idle_rss'] = idle_rss
+        row['input_series'] = exporter.self_metric('k8s_exporter_input_series')
+        row['prometheus_rss'] = rss_bytes(prometheus.pid)
+        print('   scrape', file=sys.stderr)
+        for gzip_encoding in (False, True):
+            kind = 'gzip' if gzip_encoding else 'plain'
+            row[f'exporter_scrape_{kind}'] = scrape_latencies(
+                exporter.port, '/metrics', gzip_encoding, scrape_count)
+            # /federate of 10,000 pods takes seconds a call: bounded so
+            # that a full run stays within minutes.
+            row[f'prometheus_scrape_{kind}'] = scrape_latencies(
+                prometheus.port, FEDERATE_PATH, gzip_encoding, scrape_count, budget_seconds=10)
+        row['exporter_rss_scraped'] = rss_bytes(exporter.pid)
+        # prometheus1 writes all the time and every value changes each
+        # scrape interval, so the scrape that matters follows a write of
+        # every exported series, not an unchanged store.
+        print('   scrape after every exported value changed', file=sys.stderr)
+        hot = encode_batches([item for item in series if item.labels[0][1] in EXPORTED], 1)
+        for gzip_encoding in (False, True):
+            seconds = []
+            for _ in range(scrape_count):
+                send_pass(exporter.port, stamp_bodies(hot, next(pass_numbers), clock.next()),
+                          RW1_HEADERS)
+                seconds.append(scrape_latencies(exporter.port, '/metrics', gzip_encoding,
+                                                1)['median'])
+            row[f'exporter_fresh_{"gzip" if gzip_encoding else "plain"}'] = seconds
+        del hot
+        print('   scrape under write load', file=sys.stderr)
+        bodies = stamp_bodies(rw1, next(pass_numbers), clock.next())
+        row['exporter_loaded'], row['exporter_scrapes_loaded'] = scrapes_during(
+            exporter.port, '/metrics',
+            lambda: measure_ingest(exporter, bodies, RW1_HEADERS, samples))
+    finally:
+        for server in (exporter, prometheus):
+            if server is not None:
+                server.stop()
+
+
+def bench_churn(pods, passes, clock):
+    """Pods replaced every pass: half end with stale markers, half by TTL (5 s)."""
+    print(f'== churn: {pods} pods replaced on each of {passes} passes', file=sys.stderr)
+    # Bodies are built before the exporter starts, so that passes come every
+    # 1.5 s and a generation's stale markers arrive one pass after it, as
+    # Prometheus sends them one scrape interval after a target is gone.
+    passes_bodies = []
+    previous = None
+    for generation in range(passes):
+        series = cluster_model(pods, generation=generation, seed=2)
+        bodies = stamp_bodies(encode_batches(series, 1), generation, clock.next())
+        if previous is not None:
+            # Stale markers for the pods of every other node of the
+            # previous generation; the rest must expire by TTL.
+            nodes = sorted({dict(item.labels)['node'] for item in previous})
+            staled = set(nodes[::2])
+            gone = [item for item in previous if dict(item.labels)['node'] in staled]
+            bodies += stamp_bodies(encode_batches(gone, 1), generation, clock.next(),
+                                   stale=True)
+        passes_bodies.append(bodies)
+        previous = series
+    rows = []
+    exporter = None
+    try:
+        exporter = Exporter({'K8S_EXPORTER_TTL_SECONDS': '5'})
+        exporter.start()
+        for generation, bodies in enumerate(passes_bodies):
+            started = time.monotonic()
+            send_pass(exporter.port, bodies, RW1_HEADERS)
+            time.sleep(max(0.0, 1.5 - (time.monotonic() - started)))
+            rows.append((generation, exporter.self_metric('k8s_exporter_input_series'),
+                         exporter.self_metric('k8s_exporter_pods'), rss_bytes(exporter.pid)))
+    finally:
+        if exporter is not None:
+            exporter.stop()
+    return rows
+
+
+###############################################################################
+# Report ######################################################################
+###############################################################################
+
+def _rate(value):
+    return f'{value / 1000:,.0f}k' if value < 1e6 else f'{value / 1e6:,.2f}M'
+
+
+def _ms(seconds):
+    return f'{seconds * 1000:,.1f} ms'
+
+
+def _ratio(ours, theirs, higher_is_better=True):
+    if not ours or not theirs or math.isinf(ours) or math.isinf(theirs):
+        return '-'
+    return f'{(ours / theirs if higher_is_better else theirs / ours):.1f}x'
+
+
+def machine_description():
+    from google.protobuf.internal import api_implementation
+    load = os.getloadavg()
+    return (f'{os.cpu_count()} cores, Python {sys.version.split()[0]}, '
+            f'protobuf {api_implementation.Type()} backend, prometheus '
+            f'{prometheus_version()}, loadavg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}')
+
+
+def prometheus_version():
+    try:
+        output = subprocess.run([shutil.which('prometheus') or 'prometheus', '--version'],
+                                capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return '?'
+    return output.split()[2] if output.startswith('prometheus, version') else '?'
+
+
+def print_report(results, churn):
+    rows = []
+    for pods, row in results.items():
+        rows.append((f'{pods:,} pods: {row["samples"]:,} samples per pass, '
+                     f'{row["exported_share"]:.1%} exported, {row["requests"]} requests, '
+                     f'{row["rw1_body_bytes"] / 1024:.0f}/{row["rw2_body_bytes"] / 1024:.0f} KiB '
+                     'per RW1/RW2 body', '', '', ''))
+        for protocol in ('rw1', 'rw2'):
+            ours = row[f'exporter_{protocol}']
+            theirs = row.get(f'prometheus_{protocol}')
+            rows.append((f'  ingest {protocol.upper()}, samples/s wall',
+                         _rate(ours['per_wall']),
+                         _rate(theirs['per_wall']) if theirs else 'n/a',
+                         _ratio(ours['per_wall'], theirs and theirs['per_wall'])))
+            rows.append((f'  ingest {protocol.upper()}, samples/CPU-s of the server',
+                         _rate(ours['per_cpu']),
+                         _rate(theirs['per_cpu']) if theirs else 'n/a',
+                         _ratio(ours['per_cpu'], theirs and theirs['per_cpu'])))
+        for kind in ('plain', 'gzip'):
+            ours, theirs = row[f'exporter_scrape_{kind}'], row[f'prometheus_scrape_{kind}']
+            rows.append((f'  scrape {kind}, unchanged store, median (/metrics | /federate)',
+                         _ms(ours['median']),
+                         _ms(theirs['median']),
+                         _ratio(ours['median'], theirs['median'], higher_is_better=False)))
+            rows.append((f'  scrape {kind}, p99 of {ours["count"]} | {theirs["count"]}',
+                         _ms(ours['p99']),
+                         _ms(theirs['p99']),
+                         _ratio(ours['p99'], theirs['p99'], higher_is_better=False)))
+            rows.append((f'  scrape {kind}, body', f'{ours["bytes"] / 1024:,.0f} KiB',
+                         f'{theirs["bytes"] / 1024:,.0f} KiB', ''))
+        for kind in ('plain', 'gzip'):
+            fresh = row[f'exporter_fresh_{kind}']
+            rows.append((f'  scrape {kind} after all values changed, median/p99 of {len(fresh)}',
+                         f'{_ms(statistics.median(fresh))}/{_ms(percentile(fresh, 0.99))}',
+                         '', ''))
+        per_series = (row['exporter_rss'] - row['exporter_idle_rss']) / max(row['input_series'], 1)
+        rows.append(('  RSS after loading (idle exporter: '
+                     f'{row["exporter_idle_rss"] / 2**20:.0f} MiB)',
+                     f'{row["exporter_rss"] / 2**20:,.0f} MiB',
+                     f'{row["prometheus_rss"] / 2**20:,.0f} MiB',
+                     _ratio(row['exporter_rss'], row['prometheus_rss'], higher_is_better=False)))
+        rows.append((f'  bytes per stored input series ({row["input_series"]:,.0f} series)',
+                     f'{per_series:,.0f}', '', ''))
+        rows.append(('  RSS after the scrapes', f'{row["exporter_rss_scraped"] / 2**20:,.0f} MiB',
+                     '', ''))
+        loaded, scrapes = row['exporter_loaded'], row['exporter_scrapes_loaded']
+        if scrapes:
+            rows.append((f'  /metrics during RW1 writes, median/p99 of {len(scrapes)}',
+                         f'{_ms(statistics.median(scrapes))}/{_ms(percentile(scrapes, 0.99))}',
+                         '', ''))
+        rows.append(('  ingest RW1 while scraped, samples/s wall', _rate(loaded['per_wall']),
+                     '', ''))
+        client = max(row[key]['client_cpu'] / row[key]['wall']
+                     for key in ('exporter_rw1', 'exporter_rw2', 'prometheus_rw1'))
+        rows.append(('  client CPU per wall second while sending (max)', f'{client:.2f}', '', ''))
+    if churn:
+        # TTL 5 s at a pass every 1.5 s: steady state from the 5th pass on.
+        early, late = churn[:len(churn) // 2], churn[len(churn) // 2:]
+        rows.append((f'churn: pods replaced on each of {len(churn)} passes, TTL 5 s, '
+                     f'{churn[0][1]:,.0f} series per generation', '', '', ''))
+        for label, column, unit in (('input series', 1, 1), ('RSS, MiB', 3, 2**20)):
+            rows.append((f'  {label}, max of passes 1-{len(early)} / '
+                         f'{len(early) + 1}-{len(churn)}',
+                         f'{max(row[column] for row in early) / unit:,.0f} / '
+                         f'{max(row[column] for row in late) / unit:,.0f}', '', ''))
+    header = ('', 'k8s_exporter', 'prometheus', 'ratio')
+    widths = [max(len(str(line[i])) for line in rows + [header]) for i in range(4)]
+    print(f'machine: {machine_description()}')
+    print('  '.join(text.ljust(widths[i]) if i == 0 else text.rjust(widths[i])
+                    for i, text in enumerate(header)).rstrip())
+    for line in rows:
+        if not line[1] and not line[2]:
+            print(line[0])
+            continue
+        print('  '.join(str(text).ljust(widths[i]) if i == 0 else str(text).rjust(widths[i])
+                        for i, text in enumerate(line)).rstrip())
+    if churn:
+        print('churn passes (pass, input series, pods, RSS MiB): ' + ', '.join(
+            f'({number + 1}, {series:,.0f}, {pods:,.0f}, {rss / 2**20:.0f})'
+            for number, series, pods, rss in churn))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--quick', action='store_true', help='small sizes, for a smoke run')
+    parser.add_argument('--pods', default='1000,10000',
+                        help='comma list of cluster sizes in pods (default 1000,10000)')
+    args = parser.parse_args(argv)
+    sizes = [100, 300] if args.quick else [int(part) for part in args.pods.split(',')]
+    clock = PassClock()
+    results = {}
+    started = time.monotonic()
+    for pods in sizes:
+        bench_size(pods, clock, results, 5 if args.quick else 20)
+    churn = bench_churn(100 if args.quick else 500, 6 if args.quick else 12,
+                        clock)
+    print_report(results, churn)
+    print(f'total {time.monotonic() - started:.0f} s; command: {" ".join(sys.argv)}')
+
+
+if __name__ == '__main__':
+    main()
