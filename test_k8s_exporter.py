@@ -25,8 +25,10 @@ import io
 import math
 import os
 import re
+import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -340,12 +342,16 @@ def rejection(app, body, headers=None, **kwargs):
     return status, one_line_reason(status, response_headers, data)
 
 
-def http_request(url, method='GET', body=None, headers=None, timeout=10):
-    """(status, headers dict with lower-case names, body bytes) of one HTTP request."""
+def http_request(url, method='GET', body=None, headers=None, timeout=10, ca_file=None):
+    """(status, headers dict with lower-case names, body bytes) of one HTTP(S) request."""
     scheme, _, rest = url.partition('://')
     hostport, _, path = rest.partition('/')
     host, _, port = hostport.rpartition(':')
-    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    if scheme == 'https':
+        connection = http.client.HTTPSConnection(
+            host, int(port), timeout=timeout, context=ssl.create_default_context(cafile=ca_file))
+    else:
+        connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
         connection.request(method, '/' + path, body=body, headers=headers or {})
         response = connection.getresponse()
@@ -394,20 +400,23 @@ class Gunicorn(StartStop):
     path per user, which several test servers would take from each other).
     """
 
-    def __init__(self, env=None, port=None):
+    def __init__(self, env=None, port=None, tls=None):
+        """tls: (certificate, key, CA) files to serve HTTPS with gunicorn's own TLS."""
         self.port = port or free_port()
-        self.url = f'http://127.0.0.1:{self.port}'
+        self.url = f'{"https" if tls else "http"}://127.0.0.1:{self.port}'
         self.env = {**os.environ, **(env or {})}
+        self.tls_args = ['--certfile', str(tls[0]), '--keyfile', str(tls[1])] if tls else []
+        self.ca_file = str(tls[2]) if tls else None
         self.process = None
         self.log = b''
 
     def start(self):
         self.process = subprocess.Popen(
             [str(VENV_BIN / 'gunicorn'), '-w', '1', '--threads', '8',
-             '-b', f'127.0.0.1:{self.port}', 'k8s_exporter:app'],
+             '-b', f'127.0.0.1:{self.port}', *self.tls_args, 'k8s_exporter:app'],
             cwd=HERE, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        wait_until(lambda: self.process.poll() is not None or
-                   http_request(self.url + '/-/healthy', timeout=1)[0] == 200,
+        wait_until(lambda: self.process.poll() is not None or http_request(
+                       self.url + '/-/healthy', timeout=1, ca_file=self.ca_file)[0] == 200,
                    timeout=20, what='gunicorn to answer /-/healthy')
         if self.process.poll() is not None:
             self.stop()
@@ -3065,6 +3074,58 @@ class SmallPipeline:
                   f'the exporter to hold {len(expected)} expected pod series')
         self.wait(lambda: prometheus2_pod_values(self.prometheus2, {self.instance}) == expected,
                   timeout, f'prometheus2 to hold {len(expected)} expected pod series')
+
+
+def make_certificates(directory):
+    """A CA and a server certificate for 127.0.0.1 signed by it, made with openssl now."""
+    def openssl(*args):
+        subprocess.run(['openssl', *args], cwd=directory, check=True, capture_output=True,
+                       timeout=60)
+
+    openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj',
+            '/CN=k8s_exporter test CA', '-keyout', 'ca.key', '-out', 'ca.crt')
+    openssl('req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=127.0.0.1',
+            '-keyout', 'server.key', '-out', 'server.csr')
+    (directory / 'san.cnf').write_text('subjectAltName=IP:127.0.0.1\n')
+    openssl('x509', '-req', '-in', 'server.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key',
+            '-CAcreateserial', '-days', '1', '-extfile', 'san.cnf', '-out', 'server.crt')
+    return directory / 'server.crt', directory / 'server.key', directory / 'ca.crt'
+
+
+@needs_prometheus
+@pytest.mark.skipif(shutil.which('openssl') is None, reason='openssl not installed')
+def test_prometheus_writes_and_scrapes_over_tls_with_credentials(tmp_path):
+    certificate, key, ca_file = make_certificates(tmp_path)
+    (tmp_path / 'write-token').write_text('write-secret\n')
+    (tmp_path / 'scrape-users').write_text('prometheus2:scrape-secret\n')
+    (tmp_path / 'scrape-password').write_text('scrape-secret')
+    text = capture_text(SYNTHETIC_MODERN)
+    expected = e2e_expected_values(text, 'kubelet')
+    with contextlib.ExitStack() as stack:
+        endpoint = stack.enter_context(CadvisorEndpoint(text))
+        exporter = Gunicorn(tls=(certificate, key, ca_file), env={
+            'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': str(tmp_path / 'write-token'),
+            'K8S_EXPORTER_METRICS_BASIC_AUTH_FILE': str(tmp_path / 'scrape-users')}).start()
+        stack.callback(exporter.stop)
+        remote = remote_write_entry(exporter.url + '/write')
+        remote.update(tls_config={'ca_file': str(ca_file)},
+                      authorization={'credentials_file': str(tmp_path / 'write-token')})
+        prometheus1 = start_prometheus(stack, prometheus1_config(
+            {'kubelet': endpoint.address}, [remote], E2E_CLUSTER), 'prometheus1')
+        instance = f'127.0.0.1:{exporter.port}'
+        scraping = prometheus2_config([instance])
+        scraping['scrape_configs'][0].update(
+            scheme='https', tls_config={'ca_file': str(ca_file)},
+            basic_auth={'username': 'prometheus2',
+                        'password_file': str(tmp_path / 'scrape-password')})
+        prometheus2 = start_prometheus(stack, scraping, 'prometheus2')
+        wait_in_pipeline(lambda: prometheus2_pod_values(prometheus2, {instance}) == expected,
+                         40, f'prometheus2 to hold {len(expected)} pod series over TLS',
+                         (prometheus1, prometheus2))
+        assert_remote_write_failed_nothing(prometheus1)
+        assert http_request(exporter.url + '/metrics', ca_file=exporter.ca_file)[0] == 401
+        with pytest.raises(ssl.SSLCertVerificationError):
+            http_request(exporter.url + '/-/healthy')      # not signed by a system CA
 
 
 # Every fixture through one prometheus1.
