@@ -573,7 +573,7 @@ def aggregation_rule(metric_name):
 def pod_value(rule, series):
     """The pod's value from its input series, [(SeriesKey, value), ...]."""
     if len(series) == 1 and (rule == RULE_POD_CGROUP or not series[0][0].pod_cgroup):
-        return series[0][1] + 0.0      # + 0.0: a sum of one, so -0.0 is 0, as below
+        return series[0][1] or 0.0     # a sum of one: -0.0 is 0.0, as below
     if rule == RULE_POD_CGROUP:
         pod_level = [value for key, value in series if key.pod_cgroup]
         return sum_values(pod_level or [value for _, value in series]) if series else None
@@ -625,20 +625,21 @@ class PodState:
     share one key and one list (~170 fewer bytes per series than a dict and
     a tuple per series).
 
-    values and lines hold the pod's value and rendered line per metric (None
-    and b'' for none). They are tuples, replaced whole under the store lock,
-    so a scrape can take the references under the lock and join them after
-    releasing it.
+    values holds the pod's value per metric (None for none); output holds
+    what its lines are made of: (escaped cluster, the labels after item,
+    then per metric the value's text and newline, or b''). Both are tuples,
+    replaced whole under the store lock, so a scrape can take the references
+    under the lock and join them after releasing it. Keeping the pieces, not
+    whole lines, saves ~50 bytes per input series.
     """
-    __slots__ = ('key', 'series', 'series_count', 'values', 'lines', 'label_text')
+    __slots__ = ('key', 'series', 'series_count', 'values', 'output')
 
     def __init__(self, key, metric_count):
         self.key = key
         self.series = {}
         self.series_count = 0
         self.values = (None,) * metric_count
-        self.lines = (b'',) * metric_count
-        self.label_text = pod_label_text(key)
+        self.output = (*pod_label_text(key), *(b'',) * metric_count)
 
     def metric_series(self, metric):
         """[(SeriesKey, value), ...] of one metric."""
@@ -745,8 +746,7 @@ class Store:
             self._remove_pod(pod)
             return True
         values = list(pod.values)
-        lines = list(pod.lines)
-        cluster, after_item = pod.label_text
+        output = list(pod.output)
         changed = False
         for metric in metrics:
             series = pod.metric_series(metric)
@@ -755,15 +755,13 @@ class Store:
             if value is None if old is None else (
                     value is not None and _pack_double(value) == _pack_double(old)):
                 continue
-            name = self.metric_names[metric]
             values[metric] = value
-            lines[metric] = b'' if value is None else (
-                f'{name}{{cluster="{cluster}",item="{name}"{after_item}}} '
-                f'{format_go_float(value)}\n').encode()
+            output[OUTPUT_VALUES + metric] = (
+                b'' if value is None else f'{format_go_float(value)}\n'.encode())
             changed = True
         if changed:
             pod.values = tuple(values)
-            pod.lines = tuple(lines)
+            pod.output = tuple(output)
         return changed
 
     def _add_pod(self, pod_key):
@@ -844,7 +842,7 @@ class Store:
             unchanged = self._version == known_version
             return StoreSnapshot(
                 version=self._version,
-                lines=None if unchanged else [pod.lines for pod in self._pod_order],
+                outputs=None if unchanged else [pod.output for pod in self._pod_order],
                 pod_count=len(self._pods),
                 series_count=self._series_count,
                 counters=self.counters.copy(),
@@ -858,7 +856,7 @@ class Store:
 
 class StoreSnapshot(NamedTuple):
     version: int
-    lines: list      # per pod in output order: its lines tuple, one per metric
+    outputs: list    # per pod in output order: its PodState.output
     pod_count: int
     series_count: int
     counters: 'SelfMetrics'
@@ -964,22 +962,37 @@ def metric_help(name):
     return SEED_HELP.get(name) or f'cAdvisor {name}, one value per pod'
 
 
+OUTPUT_VALUES = 2    # PodState.output: cluster, labels after item, then the values
+
+
 def render_pod_families(metric_names, snapshot):
-    """The exported container families, in name order, series in label order."""
+    """The exported container families, in name order, series in label order.
+
+    A line is name{cluster="C",item="name",job=...,pod="P"} V: the pieces
+    that depend on the metric are made once per family, those of the pod
+    come from its output tuple.
+    """
     parts = []
     for metric, name in enumerate(metric_names):
-        series = b''.join([lines[metric] for lines in snapshot.lines])
-        if series:     # as Go's client: a family without series is not shown
+        head = f'{name}{{cluster="'.encode()
+        item = f'",item="{name}"'.encode()
+        at = OUTPUT_VALUES + metric
+        pieces = []
+        add = pieces.extend
+        for output in snapshot.outputs:
+            if output[at]:
+                add((head, output[0], item, output[1], output[at]))
+        if pieces:     # as Go's client: a family without series is not shown
             parts.append(f'# HELP {name} {escape_help(metric_help(name))}\n'
                          f'# TYPE {name} gauge\n'.encode())
-            parts.append(series)
+            parts.append(b''.join(pieces))
     return b''.join(parts)
 
 
 def pod_label_text(pod):
-    """A pod's escaped cluster value, and its labels after item."""
+    """A pod's escaped cluster value, and its labels after item, up to the value."""
     cluster, job, namespace, name = map(escape_label_value, pod)
-    return cluster, f',job="{job}",namespace="{namespace}",pod="{name}"'
+    return cluster.encode(), f',job="{job}",namespace="{namespace}",pod="{name}"}} '.encode()
 
 
 def render_self_metrics(snapshot, process):
@@ -1091,7 +1104,7 @@ class ExpositionCache:
         """(snapshot, plain families, (gzip prefix, compressor) or None)."""
         version, plain = self._rendered
         snapshot = store.snapshot(known_version=version)
-        if snapshot.lines is not None:
+        if snapshot.outputs is not None:
             plain = render_pod_families(metric_names, snapshot)
             self._rendered = (snapshot.version, plain)
         if not want_gzip:

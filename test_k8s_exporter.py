@@ -1696,14 +1696,13 @@ def test_series_not_received_for_the_ttl_are_forgotten():
     store.apply([old], received=100.0)
     store.apply([new], received=105.0)
     store.expire(now=109.0)
-    assert [lines[0].rpartition(b' ')[2] for lines in store.snapshot().lines] == [b'11\n']
+    assert [output[2] for output in store.snapshot().outputs] == [b'11\n']
     store.expire(now=111.0)     # 'a' is 11 s old
     snapshot = store.snapshot()
-    assert ([lines[0].rpartition(b' ')[2] for lines in snapshot.lines], snapshot.series_count) == (
-        [b'6\n'], 1)
+    assert ([output[2] for output in snapshot.outputs], snapshot.series_count) == ([b'6\n'], 1)
     store.expire(now=200.0)
     snapshot = store.snapshot()
-    assert (snapshot.lines, snapshot.pod_count, snapshot.series_count) == ([], 0, 0)
+    assert (snapshot.outputs, snapshot.pod_count, snapshot.series_count) == ([], 0, 0)
     assert snapshot.counters.expired_series == 2
 
 
