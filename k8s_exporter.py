@@ -536,6 +536,7 @@ POD_LABEL_CONVENTIONS = (
 POD_CGROUP_SEGMENT_RE = re.compile(r'(?:^|-)pod[0-9a-fA-F_-]+(?:\.slice)?\Z')
 
 _intern = sys.intern
+_new_tuple = tuple.__new__
 
 
 def pod_series_identity(labels, default_cluster):
@@ -551,10 +552,13 @@ def pod_series_identity(labels, default_cluster):
     cgroup = labels.get('id', '')
     pod_cgroup = not container and (
         not cgroup or POD_CGROUP_SEGMENT_RE.search(cgroup.rpartition('/')[2]) is not None)
-    pod_key = PodKey(labels.get('cluster') or default_cluster, labels.get('job', ''),
-                     namespace, pod)
-    series_key = SeriesKey(pod_cgroup, _intern(container), _intern(cgroup),
-                           _intern(labels.get('image', '')), _intern(labels.get('device', '')))
+    # tuple.__new__ skips the NamedTuples' Python-level __new__: this runs
+    # for every kept series (0.25 us of ~8 us).
+    pod_key = _new_tuple(PodKey, (labels.get('cluster') or default_cluster,
+                                  labels.get('job', ''), namespace, pod))
+    series_key = _new_tuple(SeriesKey, (pod_cgroup, _intern(container), _intern(cgroup),
+                                        _intern(labels.get('image', '')),
+                                        _intern(labels.get('device', ''))))
     return pod_key, series_key
 
 
@@ -698,7 +702,7 @@ class Store:
                 if value != value and _pack_double(value) == STALE_NAN_BYTES:
                     if old_timestamp is not None:
                         self._forget(pod, series_key, slots, at)
-                        touched.setdefault(pod, set()).add(metric)
+                        _add_to(touched, pod, metric)
                     continue
                 if old_timestamp is None:
                     if self._series_count >= self.config.max_series:
@@ -709,7 +713,7 @@ class Store:
                     pod.series_count += 1
                     self._series_count += 1
                 slots[at:at + 3] = timestamp_ms, value, received
-                touched.setdefault(pod, set()).add(metric)
+                _add_to(touched, pod, metric)
             changed = False
             for pod, metrics in touched.items():
                 changed |= self._render_pod(pod, metrics)
@@ -854,6 +858,15 @@ class Store:
         """Run update(counters) under the lock: the counters live in the store."""
         with self._lock:
             update(self.counters)
+
+
+def _add_to(sets, key, item):
+    """sets[key].add(item), without building a set for every call as setdefault would."""
+    members = sets.get(key)
+    if members is None:
+        sets[key] = {item}
+    else:
+        members.add(item)
 
 
 class StoreSnapshot(NamedTuple):
