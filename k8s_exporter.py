@@ -33,6 +33,7 @@ Environment, read and checked once at start-up:
 
 import base64
 import bisect
+import ctypes
 import dataclasses
 import functools
 import hmac
@@ -1344,6 +1345,39 @@ def load_config():
 
 
 EXIT_CONFIG_ERROR = 4   # gunicorn's "app failed to load": its master stops, not respawns
+
+# glibc's malloc gives every thread that allocates an arena of its own, and
+# hands freed memory back to the kernel once 128 KiB lie free at the top of
+# one. gunicorn's eight threads take turns decoding bodies of a megabyte and
+# more, so each arena kept its own high-water mark, and every request paid
+# page faults to map its buffers again. One arena that keeps what a few
+# requests use measured 27% more samples per CPU-second and a third less RSS
+# (make bench, 10,000 pods).
+MALLOC_ARENAS = 1
+MALLOC_KEEP_FREE_BYTES = 32 * MiB    # also the size from which a block is mmap()ed
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def tune_malloc():
+    """Set glibc's malloc up for the worker; return False where there is no glibc.
+
+    Runs at import, before gunicorn's threads allocate: an arena, once a
+    thread has one, stays its own.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):    # no libc to load, or one without mallopt
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    # Setting the trim threshold fixes the mmap threshold at its default of
+    # 128 KiB too, so both are set.
+    return all(mallopt(option, value) == 1 for option, value in (
+        (_M_ARENA_MAX, MALLOC_ARENAS),
+        (_M_MMAP_THRESHOLD, MALLOC_KEEP_FREE_BYTES),
+        (_M_TRIM_THRESHOLD, MALLOC_KEEP_FREE_BYTES)))
+
+
+tune_malloc()
 
 try:
     app = Exporter(load_config())

@@ -24,6 +24,7 @@ import importlib.util
 import io
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -2464,6 +2465,13 @@ def test_random_bodies_never_5xx_and_refused_ones_leave_the_store_as_it_was(body
 ###############################################################################
 # A real gunicorn over HTTP ###################################################
 ###############################################################################
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc\'s')
+def test_the_worker_tunes_glibc_malloc_and_glibc_takes_every_setting():
+    # mallopt returns 0 for a value it refuses (the mmap threshold has a
+    # ceiling of 32 MiB on 64-bit), which would leave the default in place.
+    assert k8s_exporter.tune_malloc() is True
+
 
 @pytest.mark.parametrize('protocol', [1, 2])
 def test_gunicorn_serves_the_seed_exposition_from_a_real_write(protocol):
