@@ -400,27 +400,9 @@ def _decode_rw1(payload, wanted, default_cluster):
     tally = remote_pb2.WriteRequestSampleTally.FromString(payload)
     decoded = DecodedWrite(samples=[])
     for raw in filter(rw1_keep_pattern(frozenset(wanted)), request.timeseries):
-        series = remote_pb2.TimeSeriesColumns.FromString(raw)
-        labels = _labels_from_columns(raw, series)
-        if labels is None:
-            labels = {label.name: label.value
-                      for label in remote_pb2.TimeSeries.FromString(raw).labels}
-        _take_series(decoded, labels, series.samples, wanted, default_cluster)
+        series = remote_pb2.TimeSeriesLabelMap.FromString(raw)
+        _take_series(decoded, series.labels, series.samples, wanted, default_cluster)
     return decoded.counted(len(tally.timeseries.samples))
-
-
-def _labels_from_columns(raw, series):
-    """The labels of a TimeSeriesColumns as a dict, or None if the columns may not line up.
-
-    Reading names and values as columns is 3x faster than Label objects, but
-    an empty name or value is not serialized and would shift a column: they
-    line up when both are as long as there are Labels.
-    """
-    columns = series.labels
-    names, values = columns.name[:], columns.value[:]
-    if len(names) == len(values) == len(remote_pb2.LabelCount.FromString(raw).labels):
-        return dict(zip(names, values))
-    return None
 
 
 def _decode_rw2(payload, wanted, default_cluster):
