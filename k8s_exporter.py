@@ -690,7 +690,7 @@ class Store:
                 if slots is None:
                     known = False
                 else:
-                    old_timestamp, _, old_received = _unpack_slot(slots, at)
+                    old_timestamp, old_value, old_received = _unpack_slot(slots, at)
                     known = old_received == old_received
                 if known and timestamp_ms <= old_timestamp:
                     ignored += 1
@@ -708,8 +708,13 @@ class Store:
                         slots = pod.series[series_key] = bytearray(absent)
                     pod.series_count += 1
                     self._series_count += 1
+                    _add_to(touched, pod, metric)
+                elif value != old_value:
+                    # Most cAdvisor values repeat (fs limits, a cpu load of 0),
+                    # and an equal one cannot change the pod's (pod values
+                    # are sums: -0 counts as 0). NaN is never equal: redone.
+                    _add_to(touched, pod, metric)
                 _pack_slot(slots, at, timestamp_ms, value, received)
-                _add_to(touched, pod, metric)
             changed = False
             for pod, metrics in touched.items():
                 changed |= self._render_pod(pod, metrics)

@@ -1707,6 +1707,29 @@ def test_series_not_received_for_the_ttl_are_forgotten():
     assert snapshot.counters.expired_series == 2
 
 
+def test_a_repeated_value_changes_no_output_but_moves_its_timestamp_and_ttl_on():
+    store = k8s_exporter.Store(Config(ttl_seconds=10))
+    pod = PodKey('c', 'j', 'ns', 'p')
+    key = SeriesKey(False, 'a', '/a', '', '')
+
+    def write(timestamp, value, received):
+        store.apply([k8s_exporter.Sample(pod, 0, key, timestamp, value)], received)
+        return store.snapshot()
+
+    version = write(1, 5.0, received=100.0).version
+    assert write(2, 5.0, received=108.0).version == version    # nothing to re-render
+    snapshot = write(2, 6.0, received=108.0)                    # not newer: ignored
+    assert ([output[2] for output in snapshot.outputs], snapshot.version) == ([b'5\n'], version)
+    store.expire(now=115.0)      # 7 s after the repeat, 15 s after the first write
+    assert [output[2] for output in store.snapshot().outputs] == [b'5\n']
+    # A pod's value is a sum, where -0 counts as 0.
+    version = write(3, -0.0, received=116.0).version
+    snapshot = write(4, 0.0, received=116.0)
+    assert (snapshot.outputs[0][2], snapshot.version) == (b'0\n', version)
+    assert write(5, math.nan, received=116.0).outputs[0][2] == b'NaN\n'
+    assert write(6, 7.0, received=116.0).outputs[0][2] == b'7\n'
+
+
 def test_ttl_expiry_reaches_the_metrics_page_without_writes():
     app = fresh_app(ttl_seconds=0.3)
     post(app, [(cadvisor(MEMORY, 'ns', 'p'), [(1, 1)])])
