@@ -830,7 +830,9 @@ class Store:
             return False       # removed since the sweep began
         expired = set()
         for series_key, slots in list(pod.series.items()):
-            for metric, (_, _, received) in enumerate(SLOT.iter_unpack(slots)):
+            # Read before _forget writes to slots (and a bytearray being read
+            # cannot change size).
+            for metric, (_, _, received) in enumerate(tuple(SLOT.iter_unpack(slots))):
                 if received < cutoff:    # False for NaN: no series
                     self._forget(pod, series_key, slots, SLOT_SIZE * metric)
                     self.counters.expired_series += 1
