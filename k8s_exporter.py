@@ -51,6 +51,7 @@ from typing import NamedTuple
 
 import snappy
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 import remote_pb2
 
@@ -401,7 +402,14 @@ def _decode_rw1(payload, wanted, default_cluster):
     decoded = DecodedWrite(samples=[])
     for raw in filter(rw1_keep_pattern(frozenset(wanted)), request.timeseries):
         series = remote_pb2.TimeSeriesLabelMap.FromString(raw)
-        _take_series(decoded, series.labels, series.samples, wanted, default_cluster)
+        labels = series.labels
+        if UnknownFieldSet(series):
+            # protobuf sets a map entry with fields beyond name and value
+            # aside as unknown; a Label may carry them. (Exemplars and
+            # histograms land here too, and take the slow path to no harm.)
+            labels = {label.name: label.value
+                      for label in remote_pb2.TimeSeries.FromString(raw).labels}
+        _take_series(decoded, labels, series.samples, wanted, default_cluster)
     return decoded.counted(len(tally.timeseries.samples))
 
 

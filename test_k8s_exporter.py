@@ -2084,6 +2084,23 @@ def test_invalid_utf8_in_an_exported_series_is_corrupt_protobuf(build, content_t
     assert (status, reason.split(':')[0]) == (400, 'corrupt protobuf')
 
 
+def test_a_label_with_fields_beyond_name_and_value_is_still_read():
+    # A Label with an unknown field 3: protobuf keeps it out of the label
+    # map the decoder reads, so the pod label would be lost.
+    def record(field, payload):
+        return bytes([field << 3 | 2]) + k8s_exporter._varint(len(payload)) + payload
+
+    labels = sorted(cadvisor(MEMORY, 'ns', 'pod-xxxx').items())
+    series = b''.join(record(1, record(1, name.encode()) + record(2, value.encode())
+                                + (b'\x18\x05' if name == 'pod' else b''))
+                      for name, value in labels)
+    series += record(2, remote_pb2.Sample(value=4096.0, timestamp=1).SerializeToString())
+    assert remote_pb2.TimeSeries.FromString(series).labels[-1].name == 'pod'
+    app = fresh_app()
+    assert call_wsgi(app, 'POST', '/write', snappy.compress(record(1, series)))[0] == 204
+    assert memory_of(app, 'pod-xxxx') == 4096
+
+
 def test_dropped_series_are_read_only_as_far_as_their_name():
     # Their other labels are never decoded: a series the exporter does not
     # keep cannot make it refuse the request.
