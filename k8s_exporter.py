@@ -528,6 +528,7 @@ POD_LABEL_CONVENTIONS = (
 # cgroups sit one level below it (docker-<id>.scope, <id>, ...).
 POD_CGROUP_SEGMENT_RE = re.compile(r'(?:^|-)pod[0-9a-fA-F_-]+(?:\.slice)?\Z')
 
+
 def pod_series_identity(labels, default_cluster):
     """Map a cAdvisor series' labels to (PodKey, SeriesKey), or None without a pod."""
     for namespace_label, pod_label, container_label in POD_LABEL_CONVENTIONS:
@@ -611,7 +612,7 @@ LIMIT_WARNING_INTERVAL_SECONDS = 60
 # One input series, packed: its last sample's timestamp (ms) and value, and
 # when that arrived (time.monotonic(), for the TTL). received is NaN where
 # the metric has no series. Packed, a series costs its 24 bytes and no
-# Python objects: 30 bytes less than a list of slots and a float per value.
+# Python objects: about 25 bytes less than a list of slots and a float.
 SLOT = struct.Struct('<qdd')
 SLOT_SIZE = SLOT.size
 _pack_slot = SLOT.pack_into
