@@ -537,16 +537,22 @@ def send_pass(port, bodies, headers, senders=SENDERS):
 MEASURED_SAMPLES = 1_000_000
 
 
-def measure_ingest_passes(servers, batches, headers, samples, clock, first_pass):
+def measure_ingest_passes(servers, batches, headers, samples, clock, first_pass,
+                          bystanders=()):
     """Send the same freshly stamped bodies to each server, pass after pass.
 
-    Returns one measurement per server over all passes, and the next pass number.
+    Each server is measured alone: first the others (and the bystanders,
+    servers not measured here) must have gone quiet. Returns one
+    measurement per server over all passes, and the next pass number.
     """
     passes = max(1, math.ceil(MEASURED_SAMPLES / samples))
     parts = {server.name: [] for server in servers}
     for number in range(first_pass, first_pass + passes):
         bodies = stamp_bodies(batches, number, clock.next())
         for server in servers:
+            if not wait_until_quiet([other.pid for other in (*servers, *bystanders)
+                                     if other is not server]):
+                print(f'   measuring {server.name} while another server is busy', file=sys.stderr)
             parts[server.name].append(measure_ingest(server, bodies, headers, samples))
         del bodies
     results = []
@@ -560,6 +566,28 @@ def measure_ingest_passes(servers, batches, headers, samples, clock, first_pass)
                         'per_wall': samples * passes / wall,
                         'per_cpu': samples * passes / cpu if cpu else math.inf})
     return results, first_pass + passes
+
+
+QUIET_CPU_SHARE = 0.05      # of one core
+QUIET_WINDOW_SECONDS = 0.5
+QUIET_DEADLINE_SECONDS = 30
+
+
+def wait_until_quiet(pids):
+    """Wait until the processes use under 5% of a core between them.
+
+    After a large write Prometheus keeps a core busy for seconds (garbage
+    collection, head maintenance): on two cores that work would be billed
+    to whichever server is measured next, as slower ingest. Gives up after
+    QUIET_DEADLINE_SECONDS and returns False.
+    """
+    deadline = time.monotonic() + QUIET_DEADLINE_SECONDS
+    while time.monotonic() < deadline:
+        before = sum(map(cpu_seconds, pids))
+        time.sleep(QUIET_WINDOW_SECONDS)
+        if sum(map(cpu_seconds, pids)) - before <= QUIET_CPU_SHARE * QUIET_WINDOW_SECONDS:
+            return True
+    return False
 
 
 def measure_ingest(server, bodies, headers, samples):
@@ -679,7 +707,8 @@ def bench_size(pods, clock, results, scrape_count):
         del bodies
         print('   ingest RW2', file=sys.stderr)
         (row['exporter_rw2'],), next_pass = measure_ingest_passes(
-            (exporter,), rw2, RW2_HEADERS, samples, clock, first_pass=next_pass)
+            (exporter,), rw2, RW2_HEADERS, samples, clock, first_pass=next_pass,
+            bystanders=(prometheus,))
         # Every later pass changes every value again.
         pass_numbers = iter(range(next_pass, 1 << 30))
         row['exporter_rss'] = rss_bytes(exporter.pid)
@@ -687,6 +716,7 @@ def bench_size(pods, clock, results, scrape_count):
         row['input_series'] = exporter.self_metric('k8s_exporter_input_series')
         row['prometheus_rss'] = rss_bytes(prometheus.pid)
         print('   scrape', file=sys.stderr)
+        wait_until_quiet([exporter.pid, prometheus.pid])
         for gzip_encoding in (False, True):
             kind = 'gzip' if gzip_encoding else 'plain'
             row[f'exporter_scrape_{kind}'] = scrape_latencies(
