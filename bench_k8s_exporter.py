@@ -12,7 +12,8 @@ over the same series (steady state), per size:
 
   1. ingest: samples per second of wall time, and per CPU-second of the
      server process (utime + stime from /proc/PID/stat of the gunicorn worker
-     and of prometheus), RW 1.0 and RW 2.0 (Prometheus 2.42 takes RW 1.0 only);
+     and of prometheus), RW 1.0 and RW 2.0 (Prometheus 2.42 takes RW 1.0 only),
+     each server measured while the other is quiet;
   2. scrape: /metrics (median and p99 of 20), plain and gzip, beside
      /federate for the same five metric names over the same data;
   3. memory: the worker's RSS after loading, and bytes per stored input series;
