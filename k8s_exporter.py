@@ -255,6 +255,7 @@ STALE_NAN_BYTES = struct.pack('<Q', STALE_NAN_BITS)
 # costs 0.25 us of the ~3 us a kept series takes.
 _new_tuple = tuple.__new__
 _intern = sys.intern
+_next_float = math.nextafter
 
 
 def is_stale_marker(value):
@@ -513,6 +514,17 @@ class SeriesKey(NamedTuple):
     image: str
     device: str
 
+    @property
+    def identity(self):
+        """What the series stands for within its pod, whichever cgroup holds it now.
+
+        The pod-level cgroup, whatever the pod's uid; a container by its
+        name (the sandbox is docker's "POD", or containerd's unnamed pause
+        container); per device for the fs metrics. A restarted container or
+        a re-created pod gets new ids and the same identity.
+        """
+        return self.pod_cgroup, self.container, self.device
+
 
 # (namespace, pod, container) label names, in the order they are tried.
 POD_LABEL_CONVENTIONS = (
@@ -609,24 +621,63 @@ def sum_values(values):
 SWEEP_CHUNK_PODS = 500   # pods expired per lock hold: ~4 ms for 500 pods
 LIMIT_WARNING_INTERVAL_SECONDS = 60
 
-# One input series, packed: its last sample's timestamp (ms) and value, and
-# when that arrived (time.monotonic(), for the TTL). received is NaN where
-# the metric has no series. Packed, a series costs its 24 bytes and no
-# Python objects: about 25 bytes less than a list of slots and a float.
-SLOT = struct.Struct('<qdd')
-SLOT_SIZE = SLOT.size
-_pack_slot = SLOT.pack_into
-_unpack_slot = SLOT.unpack_from
-_unpack_value_received = struct.Struct('<dd').unpack_from   # at a slot's offset + 8
-ABSENT_SLOT = SLOT.pack(0, 0.0, math.nan)
+
+class Slots:
+    """The packing of input series: one bytearray per SeriesKey, a slot per metric.
+
+    A slot holds its series' newest sample, timestamp (ms) and value, and
+    when that arrived (the store's arrival clock, in seconds, for the TTL and
+    for "arrived last"). Arrival NaN: the key has no series of that metric.
+    A value that is a stale marker: the series has ended, and the slot is
+    kept until the TTL only so that older samples cannot bring it back.
+    Packed, a series costs its 24 bytes and no Python objects: about 25
+    bytes less than a list of slots and a float.
+    """
+    SLOT = struct.Struct('<qdd')
+    ABSENT = SLOT.pack(0, 0.0, math.nan)
+
+    @classmethod
+    def new(cls, metric_count):
+        return bytearray(cls.ABSENT * metric_count)
+
+    @staticmethod
+    def get(slots, metric, _size=SLOT.size, _unpack=SLOT.unpack_from):
+        """(timestamp_ms, value, arrival) of the key's series of metric, or None."""
+        sample = _unpack(slots, _size * metric)
+        return None if sample[2] != sample[2] else sample
+
+    @staticmethod
+    def put(slots, metric, timestamp_ms, value, arrival, _size=SLOT.size,
+            _pack=SLOT.pack_into):
+        _pack(slots, _size * metric, timestamp_ms, value, arrival)
+
+    @classmethod
+    def forget(cls, slots, metric):
+        """Drop the series of metric; return whether the key still holds any."""
+        at = cls.SLOT.size * metric
+        slots[at:at + cls.SLOT.size] = cls.ABSENT
+        return any(arrival == arrival for _, _, arrival in cls.SLOT.iter_unpack(slots))
+
+    @classmethod
+    def older_than(cls, slots, cutoff):
+        """The metrics whose series arrived before cutoff."""
+        return [metric for metric, (_, _, arrival) in enumerate(cls.SLOT.iter_unpack(slots))
+                if arrival < cutoff]     # False for NaN: no series
+
+
+_get_slot = Slots.get
+_put_slot = Slots.put
 
 
 class PodState:
     """One pod: its input series and its output.
 
-    series maps SeriesKey -> a bytearray of one SLOT per exported metric:
-    the cpu and memory series of one cgroup, and the fs series of one
-    device, share one key and one bytearray.
+    series maps SeriesKey -> its Slots bytearray: the cpu and memory series
+    of one cgroup, and the fs series of one device, share one key.
+    live counts the series that have not ended; ended those that have
+    (held until the TTL). shared_identity says whether two keys stand for
+    the same thing (a container restarted, the pod was re-created): only
+    then can a sample change which series counts without changing a value.
 
     values holds the pod's value per metric (None for none); output holds
     what its lines are made of: (escaped cluster, the labels after item,
@@ -635,24 +686,55 @@ class PodState:
     under the lock and join them after releasing it. Keeping the pieces, not
     whole lines, saves ~50 bytes per input series.
     """
-    __slots__ = ('key', 'series', 'series_count', 'values', 'output')
+    __slots__ = ('key', 'series', 'live', 'ended', 'shared_identity', 'values', 'output')
 
     def __init__(self, key, metric_count):
         self.key = key
         self.series = {}
-        self.series_count = 0
+        self.live = 0
+        self.ended = 0
+        self.shared_identity = False
         self.values = (None,) * metric_count
         self.output = (*pod_label_text(key), *(b'',) * metric_count)
 
-    def metric_series(self, metric):
-        """[(SeriesKey, value), ...] of one metric."""
-        at = SLOT_SIZE * metric + 8
-        series = []
+    def add_key(self, series_key, metric_count):
+        slots = self.series[series_key] = Slots.new(metric_count)
+        identity = series_key.identity
+        self.shared_identity = self.shared_identity or any(
+            key.identity == identity for key in self.series if key is not series_key)
+        return slots
+
+    def remove_key(self, series_key):
+        del self.series[series_key]
+        identities = [key.identity for key in self.series]
+        self.shared_identity = len(set(identities)) < len(identities)
+
+    def counted_series(self, metric):
+        """[(SeriesKey, value), ...] of metric: what the pod's value is made of.
+
+        Of the series that stand for one thing (SeriesKey.identity), only the
+        one with the newest sample counts, on equal timestamps the one that
+        arrived last; ended series never count.
+        """
+        newest = {}
         for key, slots in self.series.items():
-            value, received = _unpack_value_received(slots, at)
-            if received == received:
-                series.append((key, value))
-        return series
+            sample = _get_slot(slots, metric)
+            if sample is None or is_stale_marker(sample[1]):
+                continue
+            identity = key.identity
+            other = newest.get(identity)
+            if other is None or (sample[0], sample[2]) > (other[1][0], other[1][2]):
+                newest[identity] = (key, sample)
+        return [(key, sample[1]) for key, sample in newest.values()]
+
+    def held_series(self, metric):
+        """[(SeriesKey, (timestamp_ms, value, arrival)), ...]: every series of metric held."""
+        held = []
+        for key, slots in self.series.items():
+            sample = _get_slot(slots, metric)
+            if sample is not None:
+                held.append((key, sample))
+        return held
 
 
 class Store:
@@ -660,7 +742,7 @@ class Store:
 
     Writes are decoded outside the lock and applied under it in one piece,
     so a scrape sees all of a request or none of it. A pod's output lines
-    are re-rendered when one of its series changes, and the pods are kept in
+    are re-rendered when what counts for it changes, and the pods are kept in
     output order, so a scrape only joins bytes: 10,000 pods in ~15 ms,
     where looking each line up by pod took ~170 ms.
     """
@@ -673,7 +755,10 @@ class Store:
         self._pods = {}              # PodKey -> PodState
         self._pod_keys = []          # sorted PodKeys: the output order
         self._pod_order = []         # PodStates, in the order of _pod_keys
-        self._series_count = 0
+        self._live_series = 0        # series that have not ended
+        self._ended_series = 0       # ended by a stale marker, held until the TTL
+        self._live_pods = 0          # pods with a live series
+        self._last_arrival = -math.inf
         self._version = 0            # bumps on every change of the output lines
         self._limit_warned_at = -math.inf
         self._sweeper = None
@@ -682,53 +767,67 @@ class Store:
     # -- writes --------------------------------------------------------------
 
     def apply(self, samples, received):
-        """Apply one request's samples at once; return how many were refused."""
-        touched = {}                 # PodState -> metrics whose input changed
+        """Apply one request's samples at once; return how many were refused.
+
+        received is when the request arrived (time.monotonic()). Each sample
+        gets an arrival of its own, strictly after the one before it, so
+        that "arrived last" always has one answer; the steps are ulps, a few
+        nanoseconds per thousand samples.
+        """
+        touched = {}                 # PodState -> metrics whose counted series changed
         created = []
         refused = ignored = 0
-        absent = ABSENT_SLOT * len(self.metric_names)
+        metric_count = len(self.metric_names)
+        max_series = self.config.max_series
         with self._lock:
             pods = self._pods
+            arrival = max(received, self._last_arrival)
             for pod_key, metric, series_key, timestamp_ms, value in samples:
+                arrival = _next_float(arrival, math.inf)
                 pod = pods.get(pod_key)
                 if pod is None:
                     pod = self._add_pod(pod_key)
                     created.append(pod)
                 slots = pod.series.get(series_key)
-                at = SLOT_SIZE * metric
-                if slots is None:
-                    known = False
-                else:
-                    old_timestamp, old_value, old_received = _unpack_slot(slots, at)
-                    known = old_received == old_received
-                if known and timestamp_ms <= old_timestamp:
+                held = None if slots is None else _get_slot(slots, metric)
+                # Per series, the newest sample wins.
+                if held is not None and timestamp_ms <= held[0]:
                     ignored += 1
                     continue
                 if value != value and _pack_double(value) == STALE_NAN_BYTES:
-                    if known:
-                        self._forget(pod, series_key, slots, at)
+                    # A stale marker ends the series; it is held, ended, so
+                    # that a replay of older samples cannot bring it back.
+                    if held is not None and not is_stale_marker(held[1]):
+                        _put_slot(slots, metric, timestamp_ms, value, arrival)
+                        self._count_series(pod, live=-1, ended=1)
                         _add_to(touched, pod, metric)
                     continue
-                if not known:
-                    if self._series_count >= self.config.max_series:
+                if held is None:
+                    # The series limit refuses new series; known ones update.
+                    if self._live_series + self._ended_series >= max_series:
                         refused += 1
                         continue
                     if slots is None:
-                        slots = pod.series[series_key] = bytearray(absent)
-                    pod.series_count += 1
-                    self._series_count += 1
+                        slots = pod.add_key(series_key, metric_count)
+                    self._count_series(pod, live=1)
                     _add_to(touched, pod, metric)
-                elif value != old_value:
-                    # Most cAdvisor values repeat (fs limits, a cpu load of 0),
-                    # and an equal one cannot change the pod's (pod values
-                    # are sums: -0 counts as 0). NaN is never equal: redone.
+                elif is_stale_marker(held[1]):
+                    self._count_series(pod, live=1, ended=-1)
                     _add_to(touched, pod, metric)
-                _pack_slot(slots, at, timestamp_ms, value, received)
+                elif value != held[1] or pod.shared_identity:
+                    # A changed value re-renders. Most cAdvisor values repeat
+                    # (fs limits, a cpu load of 0), and an equal one cannot
+                    # change the pod's (pod values are sums: -0 counts as 0;
+                    # NaN is never equal), unless which series counts can
+                    # change with it.
+                    _add_to(touched, pod, metric)
+                _put_slot(slots, metric, timestamp_ms, value, arrival)
+            self._last_arrival = arrival
             changed = False
             for pod, metrics in touched.items():
                 changed |= self._render_pod(pod, metrics)
             for pod in created:   # refused or stale-only samples can leave it empty
-                if pod.series_count == 0:
+                if not pod.series:
                     self._remove_pod(pod)
             if changed:
                 self._version += 1
@@ -743,13 +842,23 @@ class Store:
                         self.config.max_series, refused)
         return refused
 
-    def _forget(self, pod, series_key, slots, at):
-        """Drop one input series: one metric's slot of series_key (lock held)."""
-        slots[at:at + SLOT_SIZE] = ABSENT_SLOT
-        if all(received != received for _, _, received in SLOT.iter_unpack(slots)):
-            del pod.series[series_key]
-        pod.series_count -= 1
-        self._series_count -= 1
+    def _count_series(self, pod, live=0, ended=0):
+        """Move the live and ended series counts of pod and the store (lock held)."""
+        was_live = pod.live > 0
+        pod.live += live
+        pod.ended += ended
+        self._live_series += live
+        self._ended_series += ended
+        self._live_pods += (pod.live > 0) - was_live
+
+    def _forget(self, pod, series_key, slots, metric):
+        """Drop one input series, live or ended (lock held)."""
+        if is_stale_marker(_get_slot(slots, metric)[1]):
+            self._count_series(pod, ended=-1)
+        else:
+            self._count_series(pod, live=-1)
+        if not Slots.forget(slots, metric):
+            pod.remove_key(series_key)
 
     def _render_pod(self, pod, metrics):
         """Recompute a pod's values for metrics and re-render the lines whose
@@ -758,14 +867,14 @@ class Store:
         Most cAdvisor values repeat from one scrape to the next (cpu load is
         0, fs limits are fixed): skipping their lines halves the cost.
         """
-        if pod.series_count == 0:
+        if not pod.series:
             self._remove_pod(pod)
             return True
         values = list(pod.values)
         output = list(pod.output)
         changed = False
         for metric in metrics:
-            series = pod.metric_series(metric)
+            series = pod.counted_series(metric)
             value = pod_value(self.rules[metric], series) if series else None
             old = values[metric]
             if value is None if old is None else (
@@ -839,13 +948,11 @@ class Store:
             return False       # removed since the sweep began
         expired = set()
         for series_key, slots in list(pod.series.items()):
-            # Read before _forget writes to slots (and a bytearray being read
-            # cannot change size).
-            for metric, (_, _, received) in enumerate(tuple(SLOT.iter_unpack(slots))):
-                if received < cutoff:    # False for NaN: no series
-                    self._forget(pod, series_key, slots, SLOT_SIZE * metric)
+            for metric in Slots.older_than(slots, cutoff):
+                if not is_stale_marker(_get_slot(slots, metric)[1]):
                     self.counters.expired_series += 1
-                    expired.add(metric)
+                self._forget(pod, series_key, slots, metric)
+                expired.add(metric)
         return bool(expired) and self._render_pod(pod, expired)
 
     # -- reads ---------------------------------------------------------------
@@ -853,7 +960,7 @@ class Store:
     def snapshot(self, known_version=None):
         """A consistent copy of what /metrics shows, taken in one lock hold.
 
-        lines is None when the version is still known_version: the caller
+        outputs is None when the version is still known_version: the caller
         already has them, and nothing is copied.
         """
         with self._lock:
@@ -861,10 +968,28 @@ class Store:
             return StoreSnapshot(
                 version=self._version,
                 outputs=None if unchanged else [pod.output for pod in self._pod_order],
-                pod_count=len(self._pods),
-                series_count=self._series_count,
+                pod_count=self._live_pods,
+                series_count=self._live_series,
                 counters=self.counters.copy(),
             )
+
+    def pod_series(self, pod_key):
+        """{metric name: [(SeriesKey, (timestamp_ms, value, arrival), counted)]} of one pod.
+
+        Every series held for the pod, and whether it counts; {} for an
+        unknown pod. Copied under the lock, for pages and tests.
+        """
+        with self._lock:
+            pod = self._pods.get(pod_key)
+            if pod is None:
+                return {}
+            result = {}
+            for metric, name in enumerate(self.metric_names):
+                counted = {key for key, _ in pod.counted_series(metric)}
+                held = pod.held_series(metric)
+                if held:
+                    result[name] = [(key, sample, key in counted) for key, sample in held]
+            return result
 
     def count(self, update):
         """Run update(counters) under the lock: the counters live in the store."""

@@ -94,6 +94,7 @@ EXPORTED_METRICS = ('container_cpu_load_average_10s', 'container_fs_limit_bytes'
 POD_CGROUP_METRICS = ('container_cpu_load_average_10s', 'container_memory_max_usage_bytes',
                       'container_memory_usage_bytes')
 MEMORY = 'container_memory_usage_bytes'
+FS_USAGE = 'container_fs_usage_bytes'
 DEFAULT_CLUSTER = 'k8s-cluster'
 OUTPUT_LABELS = ('cluster', 'item', 'job', 'namespace', 'pod')
 
@@ -321,10 +322,18 @@ def scrape(app, gzipped=False):
     return (gzip.decompress(body) if gzipped else body).decode()
 
 
-def memory_of(app, pod='p'):
-    """The exported memory value of one pod, or None when the pod is not shown."""
+def value_of(app, metric, pod='p'):
+    """The exported value of one pod's metric, or None when the pod has no such line."""
     return {key[4]: value for key, value in pod_values_in(scrape(app)).items()
-            if key[0] == MEMORY}.get(pod)
+            if key[0] == metric}.get(pod)
+
+
+def memory_of(app, pod='p'):
+    return value_of(app, MEMORY, pod)
+
+
+def fs_usage_of(app, pod='p'):
+    return value_of(app, FS_USAGE, pod)
 
 
 def one_line_reason(status, headers, body):
@@ -766,9 +775,13 @@ def expected_pod_values(tables):
 
     Per input series the newest timestamp wins and an older or equal one is
     ignored (of a series written twice at one time, the first wins); a stale
-    marker removes the series.
+    marker ends the series, and later samples no newer than it cannot bring
+    it back. Of the series of one pod and metric that stand for the same
+    thing (pod cgroup or not, container, device), the one with the newest
+    sample counts, on equal timestamps the one written last.
     """
-    latest = {}     # (metric, output labels, series key) -> (timestamp, value)
+    latest = {}     # (metric, output labels, series key) -> (timestamp, arrival, value)
+    arrival = 0
     for table in tables:
         for labels, samples in table:
             metric = labels.get('__name__')
@@ -777,14 +790,24 @@ def expected_pod_values(tables):
                 continue
             key = (metric, *identity)
             for value, timestamp in samples:
+                arrival += 1
                 if key in latest and timestamp <= latest[key][0]:
                     continue
                 if bits_of(value) == STALE_NAN_BITS:
-                    latest.pop(key, None)
+                    if key in latest and bits_of(latest[key][2]) != STALE_NAN_BITS:
+                        latest[key] = (timestamp, arrival, value)
                 else:
-                    latest[key] = (timestamp, value)
+                    latest[key] = (timestamp, arrival, value)
+    counted = {}    # (metric, output labels, what the series stands for) -> the newest
+    for (metric, output, series_key), (timestamp, arrival, value) in latest.items():
+        if bits_of(value) == STALE_NAN_BITS:
+            continue
+        pod_cgroup, container, _, _, device = series_key
+        stands_for = (metric, output, (pod_cgroup, container, device))
+        if stands_for not in counted or (timestamp, arrival) > counted[stands_for][:2]:
+            counted[stands_for] = (timestamp, arrival, value)
     per_pod = {}
-    for (metric, output, (pod_cgroup, _, _, _, device)), (_, value) in latest.items():
+    for (metric, output, (pod_cgroup, _, device)), (_, _, value) in counted.items():
         per_pod.setdefault((metric, *output), []).append((pod_cgroup, device, value))
     values = {key: pod_value_by_rules(key[0], series) for key, series in per_pod.items()}
     return {key: value for key, value in values.items() if value is not None}
@@ -1768,15 +1791,16 @@ def test_series_limit_warning_is_logged_at_most_once_a_minute(caplog):
         'repeats at most once a minute)'] * 2
 
 
-def test_two_series_of_one_pod_never_overwrite_each_other():
-    # containerd: pause and pod cgroup differ only by id.
-    app = fresh_app(metrics=('container_cpu_usage_seconds_total',))
-    base = cadvisor('container_cpu_usage_seconds_total', 'ns', 'p')
-    table = [({**base, 'id': '/kubepods/podab/p1'}, [(1, 1)]),
-             ({**base, 'id': '/kubepods/podab/p2'}, [(2, 1)]),
-             ({**base, 'id': '/kubepods/podab/p2', 'image': 'x'}, [(4, 1)])]
-    post(app, table)
-    assert 'job="kubernetes-cadvisor",namespace="ns",pod="p"} 7\n' in scrape(app)
+def test_series_that_stand_for_different_things_never_overwrite_each_other():
+    # containerd: the pause container and the pod cgroup differ only by id;
+    # one container's fs series differ only by device.
+    app = fresh_app(metrics=(FS_USAGE,))
+    pause = cadvisor(FS_USAGE, 'ns', 'p', cgroup='/kubepods/podab/p1', device='/dev/vda1')
+    app_container = cadvisor(FS_USAGE, 'ns', 'p', 'app', '/kubepods/podab/c1',
+                             device='/dev/vda1')
+    post(app, [(pause, [(1, 1)]), (app_container, [(2, 1)]),
+               ({**app_container, 'device': '/dev/vdb'}, [(4, 1)])])
+    assert fs_usage_of(app) == 7
 
 
 def test_a_scrape_sees_all_of_a_write_request_or_none_of_it():
@@ -1806,6 +1830,265 @@ def test_a_scrape_sees_all_of_a_write_request_or_none_of_it():
         thread.join(timeout=30)
     assert errors == []
     assert memory_of(app, 'pod-000') == 39
+
+
+###############################################################################
+# Through a pod's life: restarts, re-created pods, HA senders, replays ########
+###############################################################################
+
+MEMORY_MAX = 'container_memory_max_usage_bytes'
+POD_UID_OLD = '/kubepods/burstable/pod0e5c1d2a-0000-4000-8000-000000000001'
+POD_UID_NEW = '/kubepods/burstable/pod0e5c1d2a-0000-4000-8000-000000000002'
+
+
+def container_series(metric, container, cgroup_id, pod='p', **extra):
+    return cadvisor(metric, 'ns', pod, container, cgroup_id, **extra)
+
+
+def counted_ids(app, metric, pod='p', namespace='ns'):
+    """{id: counted?} of every input series the store holds for one pod's metric."""
+    held = app.store.pod_series(PodKey(DEFAULT_CLUSTER, 'kubernetes-cadvisor', namespace, pod))
+    return {key.id: counted for key, _, counted in held.get(metric, [])}
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_a_restarted_container_replaces_its_old_series_for_every_metric(protocol):
+    # New cgroup id, same container name. The old series get no stale marker
+    # (kubelet timestamps) and stay until the TTL, but no longer count.
+    app = fresh_app()
+    old = f'{POD_UID_OLD}/aaaa'
+    new = f'{POD_UID_OLD}/bbbb'
+    post(app, [(container_series(FS_USAGE, 'app', old, device='/dev/vda1'), [(300, 1000)]),
+               (container_series(MEMORY, 'app', old), [(7000, 1000)])], protocol)
+    assert (fs_usage_of(app), memory_of(app)) == (300, 7000)
+    post(app, [(container_series(FS_USAGE, 'app', new, device='/dev/vda1'), [(20, 2000)]),
+               (container_series(MEMORY, 'app', new), [(1200, 2000)])], protocol)
+    assert (fs_usage_of(app), memory_of(app)) == (20, 1200)
+    assert counted_ids(app, FS_USAGE) == {old: False, new: True}
+    assert self_metric(scrape(app), 'k8s_exporter_input_series') == 4
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_a_recreated_pod_counts_only_its_new_pod_cgroup(protocol):
+    # A StatefulSet pod keeps its namespace and name and gets a new uid.
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)])], protocol)
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 2000)])], protocol)
+    assert memory_of(app) == 1200
+    assert counted_ids(app, MEMORY) == {POD_UID_OLD: False, POD_UID_NEW: True}
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_the_pause_container_is_replaced_by_the_new_sandbox(protocol):
+    # docker's POD container and containerd's unnamed pause container are
+    # the pod's sandbox; a new sandbox replaces the old one.
+    app = fresh_app(metrics=(FS_USAGE,))
+    post(app, [(container_series(FS_USAGE, 'POD', '/docker/p1', device='/dev/vda1'), [(8, 1)]),
+               (container_series(FS_USAGE, '', f'{POD_UID_OLD}/p1', device='/dev/vda1'),
+                [(16, 1)])], protocol)
+    post(app, [(container_series(FS_USAGE, 'POD', '/docker/p2', device='/dev/vda1'), [(1, 2)]),
+               (container_series(FS_USAGE, '', f'{POD_UID_OLD}/p2', device='/dev/vda1'),
+                [(2, 2)])], protocol)
+    assert fs_usage_of(app) == 3
+
+
+def test_an_old_series_with_a_newer_sample_counts_again():
+    # Which one counts is decided by sample time, not by which id is newer.
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 2000)])])
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7100, 3000)])])
+    assert memory_of(app) == 7100
+
+
+@pytest.mark.parametrize('order', ['old-first', 'new-first'])
+def test_on_equal_timestamps_the_series_that_arrived_last_counts(order):
+    app = fresh_app()
+    rows = [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)]),
+            (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 1000)])]
+    if order == 'new-first':
+        rows.reverse()
+    post(app, rows)
+    assert memory_of(app) == rows[-1][1][0][0]
+    post(app, [rows[0]])          # the same sample again: ignored, changes nothing
+    assert memory_of(app) == rows[-1][1][0][0]
+
+
+def test_a_repeated_value_of_a_replaced_series_that_becomes_newest_re_renders():
+    # The value repeats, but the series it belongs to now counts.
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 2000)])])
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 3000)])])
+    assert memory_of(app) == 7000
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_ha_senders_interleaved_and_one_lagging_the_newest_sample_wins(protocol):
+    # Two prometheus1 replicas write the same series; they differ only by
+    # an external replica label, which the exporter does not export.
+    app = fresh_app()
+    series = {replica: cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD, replica=replica)
+              for replica in ('a', 'b')}
+    shown = []
+    for replica, value, timestamp in [('a', 10, 1000), ('b', 10, 1000), ('a', 20, 2000),
+                                      ('b', 20, 2000), ('a', 30, 3000), ('b', 15, 1500),
+                                      ('b', 30, 3000), ('a', 40, 4000), ('b', 35, 3500)]:
+        post(app, [(series[replica], [(value, timestamp)])], protocol)
+        shown.append(memory_of(app))
+    assert shown == [10, 10, 20, 20, 30, 30, 30, 40, 40]
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_a_replayed_wal_never_moves_a_value_back(protocol):
+    # prometheus1 restarts and sends what it had sent before, in order:
+    # across a container restart and a re-created pod.
+    app = fresh_app()
+    history = [
+        [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(100, 1000)]),
+         (container_series(FS_USAGE, 'app', f'{POD_UID_OLD}/aaaa', device='/dev/vda1'),
+          [(300, 1000)])],
+        [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(110, 2000)]),
+         (container_series(FS_USAGE, 'app', f'{POD_UID_OLD}/bbbb', device='/dev/vda1'),
+          [(20, 2000)])],
+        [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(50, 3000)]),
+         (container_series(FS_USAGE, 'app', f'{POD_UID_NEW}/cccc', device='/dev/vda1'),
+          [(5, 3000)])],
+    ]
+    for table in history:
+        post(app, table, protocol)
+    for table in history:      # the replay
+        post(app, table, protocol)
+        assert (memory_of(app), fs_usage_of(app)) == (50, 5)
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_a_series_ended_by_a_stale_marker_is_not_brought_back_by_older_samples(protocol):
+    app = fresh_app()
+    labels = cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD)
+    post(app, [(labels, [(100, 1000), (110, 2000)])], protocol)
+    post(app, [(labels, [(STALE_NAN, 3000)])], protocol)
+    assert memory_of(app) is None
+    post(app, [(labels, [(100, 1000), (110, 2000), (120, 3000)])], protocol)   # a replay
+    assert memory_of(app) is None
+    page = scrape(app)
+    assert [self_metric(page, name) for name in ('k8s_exporter_pods',
+                                                 'k8s_exporter_input_series')] == [0, 0]
+    post(app, [(labels, [(130, 4000)])], protocol)    # newer than the marker: it is back
+    assert memory_of(app) == 130
+
+
+def test_a_stale_marker_of_the_old_container_leaves_the_new_one_counting():
+    # With track_timestamps_staleness the old container's end arrives after
+    # the new container's first sample, in the same scrape.
+    app = fresh_app(metrics=(FS_USAGE,))
+    old = container_series(FS_USAGE, 'app', f'{POD_UID_OLD}/aaaa', device='/dev/vda1')
+    new = container_series(FS_USAGE, 'app', f'{POD_UID_OLD}/bbbb', device='/dev/vda1')
+    post(app, [(old, [(300, 1000)])])
+    post(app, [(new, [(20, 2000)]), (old, [(STALE_NAN, 2000)])])
+    assert fs_usage_of(app) == 20
+    assert counted_ids(app, FS_USAGE) == {f'{POD_UID_OLD}/aaaa': False,
+                                          f'{POD_UID_OLD}/bbbb': True}
+
+
+def test_replaced_series_are_held_until_the_ttl_then_forgotten_without_changing_the_value():
+    app = fresh_app(ttl_seconds=10)
+    store = app.store
+    old = container_series(MEMORY, 'app', f'{POD_UID_OLD}/aaaa')
+    new = container_series(MEMORY, 'app', f'{POD_UID_OLD}/bbbb')
+    post(app, [(old, [(300, 1000)])])
+    post(app, [(new, [(20, 2000)])])
+    assert self_metric(scrape(app), 'k8s_exporter_input_series') == 2
+    between = time.monotonic()
+    store.expire(now=between + 5)       # both arrived under 10 s before
+    assert counted_ids(app, MEMORY) == {f'{POD_UID_OLD}/aaaa': False,
+                                        f'{POD_UID_OLD}/bbbb': True}
+    time.sleep(0.01)
+    post(app, [(new, [(21, 3000)])])
+    store.expire(now=between + 10)      # old arrived more than 10 s before, new less
+    assert counted_ids(app, MEMORY) == {f'{POD_UID_OLD}/bbbb': True}
+    assert memory_of(app) == 21
+    assert self_metric(scrape(app), 'k8s_exporter_expired_series_total') == 1
+
+
+def test_a_deleted_pod_leaves_at_its_stale_markers_and_its_ended_series_at_the_ttl():
+    app = fresh_app(ttl_seconds=10)
+    labels = cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD)
+    post(app, [(labels, [(100, 1000)])])
+    post(app, [(labels, [(STALE_NAN, 2000)])])
+    assert memory_of(app) is None
+    assert counted_ids(app, MEMORY) == {POD_UID_OLD: False}    # held, ended
+    app.store.expire(now=time.monotonic() + 11)
+    assert counted_ids(app, MEMORY) == {}
+    assert app.store.pod_series(PodKey(DEFAULT_CLUSTER, 'kubernetes-cadvisor', 'ns', 'p')) == {}
+
+
+def test_ended_series_count_towards_the_series_limit_until_the_ttl():
+    # They hold memory, so the limit that bounds memory counts them.
+    app = fresh_app(max_series=1)
+    first = cadvisor(MEMORY, 'ns', 'a', cgroup=POD_UID_OLD)
+    post(app, [(first, [(1, 1000)])])
+    post(app, [(first, [(STALE_NAN, 2000)])])
+    status, _, body = post(app, [(cadvisor(MEMORY, 'ns', 'b', cgroup=POD_UID_NEW), [(2, 3000)])])
+    assert (status, memory_of(app, 'b')) == (400, None)
+    assert b'K8S_EXPORTER_MAX_SERIES=1 reached' in body
+
+
+# Kubernetes' CRI stats mode (KEP-2371, feature gate PodAndContainerStatsFromCRI):
+# the kubelet asks the runtime (containerd 2.x, CRI-O) for container stats, and
+# /metrics/cadvisor carries per-container series only: no pod-level cgroup
+# series, no pause container, and `id` is the container's id rather than a
+# cgroup path. Written for these tests from that description (the KEP, and
+# CRI-O's ListPodSandboxMetrics labels: container, id, image, name,
+# namespace, pod); no public capture of a 1.37 kubelet in this mode exists
+# yet. web-0's "app" container restarted once: its old id is still reported
+# with an older timestamp.
+CRI_STATS_CAPTURE = '''\
+# HELP container_fs_usage_bytes Number of bytes that are consumed by the container on this filesystem.
+# TYPE container_fs_usage_bytes gauge
+container_fs_usage_bytes{container="app",device="/dev/vda1",id="3b1f0c9e5d2a",image="registry.k8s.io/app:1.2",name="3b1f0c9e5d2a",namespace="default",pod="web-0"} 90112 1764600000000
+container_fs_usage_bytes{container="app",device="/dev/vda1",id="9f2e7a1b4c3d",image="registry.k8s.io/app:1.2",name="9f2e7a1b4c3d",namespace="default",pod="web-0"} 16384 1764600015000
+container_fs_usage_bytes{container="sidecar",device="/dev/vda1",id="5a6b7c8d9e0f",image="registry.k8s.io/sidecar:0.9",name="5a6b7c8d9e0f",namespace="default",pod="web-0"} 8192 1764600015000
+container_fs_usage_bytes{container="worker",device="/dev/vda1",id="77aa88bb99cc",image="registry.k8s.io/worker:3",name="77aa88bb99cc",namespace="jobs",pod="batch-7x2kq"} 40960 1764600015000
+# HELP container_memory_usage_bytes Current memory usage in bytes, including all memory regardless of when it was accessed
+# TYPE container_memory_usage_bytes gauge
+container_memory_usage_bytes{container="app",id="3b1f0c9e5d2a",image="registry.k8s.io/app:1.2",name="3b1f0c9e5d2a",namespace="default",pod="web-0"} 7.340032e+07 1764600000000
+container_memory_usage_bytes{container="app",id="9f2e7a1b4c3d",image="registry.k8s.io/app:1.2",name="9f2e7a1b4c3d",namespace="default",pod="web-0"} 2.097152e+07 1764600015000
+container_memory_usage_bytes{container="sidecar",id="5a6b7c8d9e0f",image="registry.k8s.io/sidecar:0.9",name="5a6b7c8d9e0f",namespace="default",pod="web-0"} 4.194304e+06 1764600015000
+container_memory_usage_bytes{container="worker",id="77aa88bb99cc",image="registry.k8s.io/worker:3",name="77aa88bb99cc",namespace="jobs",pod="batch-7x2kq"} 1.048576e+08 1764600015000
+'''
+
+
+def cri_stats_table():
+    """The capture as prometheus1 forwards it, with the capture's own timestamps."""
+    table = []
+    for line in CRI_STATS_CAPTURE.splitlines():
+        if line.startswith('#'):
+            continue
+        name, _, rest = line.partition('{')
+        label_text, _, value_and_time = rest.partition('} ')
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        value, timestamp = value_and_time.split()
+        table.append(({'__name__': name, 'job': 'kubernetes-cadvisor', **labels},
+                      [(float(value), int(timestamp))]))
+    return table
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_cri_stats_mode_pods_get_the_sum_of_their_current_containers(protocol):
+    app = fresh_app()
+    post(app, cri_stats_table(), protocol)
+    values = pod_values_in(scrape(app))
+    job = 'kubernetes-cadvisor'
+    assert values == {
+        (FS_USAGE, DEFAULT_CLUSTER, job, 'default', 'web-0'): 16384 + 8192,
+        (FS_USAGE, DEFAULT_CLUSTER, job, 'jobs', 'batch-7x2kq'): 40960,
+        (MEMORY, DEFAULT_CLUSTER, job, 'default', 'web-0'): 20971520 + 4194304,
+        (MEMORY, DEFAULT_CLUSTER, job, 'jobs', 'batch-7x2kq'): 104857600,
+    }
+    assert counted_ids(app, MEMORY, 'web-0', 'default') == {
+        '3b1f0c9e5d2a': False, '9f2e7a1b4c3d': True, '5a6b7c8d9e0f': True}
+
 
 
 ###############################################################################
