@@ -3458,6 +3458,92 @@ def test_prometheus_writes_and_scrapes_over_tls_with_credentials(tmp_path):
             http_request(exporter.url + '/-/healthy')      # not signed by a system CA
 
 
+# A pod's life through the pipeline: a container restarts, the pod is
+# re-created, another pod is deleted, while prometheus2 scrapes.
+
+def kubelet_text(pods):
+    """cAdvisor text of pods {name: (pod cgroup id, container id, memory, fs usage)}."""
+    lines = []
+    for name, (pod_cgroup, container_id, memory, fs_usage) in sorted(pods.items()):
+        lines.append(f'container_memory_usage_bytes{{container="",id="{pod_cgroup}",'
+                     f'namespace="ns",pod="{name}"}} {memory}')
+        lines.append(f'container_fs_usage_bytes{{container="app",device="/dev/vda1",'
+                     f'id="{pod_cgroup}/{container_id}",image="app:1",namespace="ns",'
+                     f'pod="{name}"}} {fs_usage}')
+    return '\n'.join(lines) + '\n'
+
+
+@needs_prometheus
+@pytest.mark.parametrize('stamp_now', [True, False],
+                         ids=['kubelet-stamped-ttl', 'scrape-stamped-stale-markers'])
+def test_pipeline_restarts_and_recreated_pods_never_show_a_doubled_value(stamp_now):
+    interval = 1.0          # prometheus1's scrape interval in this pipeline
+    job = 'kubernetes-cadvisor'
+    web = {'web-0': (POD_UID_OLD, 'c1', 7000, 300), 'gone-1': (POD_UID_NEW + 'ff', 'd1', 500, 5)}
+    # Kubelet-stamped samples get no stale markers: a short TTL ends them.
+    env = {'K8S_EXPORTER_TTL_SECONDS': '3'} if stamp_now else {}
+    with contextlib.ExitStack() as stack:
+        pipeline = SmallPipeline(stack, kubelet_text(web), job, stamp_now=stamp_now,
+                                 exporter_env=env)
+        key = functools.partial(lambda metric, pod: (metric, E2E_CLUSTER, job, 'ns', pod))
+        shown = []        # every exporter page's web-0 values, polled while things change
+
+        def web_values():
+            values = exporter_pod_values(pipeline.exporter)
+            shown.append((values.get(key(MEMORY, 'web-0')), values.get(key(FS_USAGE, 'web-0'))))
+            return values
+
+        def switch_to(pods, memory, fs_usage):
+            pipeline.endpoint.set_text(kubelet_text(pods))
+            changed_at = time.monotonic()
+            pipeline.wait(lambda: (web_values().get(key(MEMORY, 'web-0')),
+                                   web_values().get(key(FS_USAGE, 'web-0'))) == (memory, fs_usage),
+                          30, f'web-0 to show memory {memory} and fs usage {fs_usage}')
+            return time.monotonic() - changed_at
+
+        pipeline.wait(lambda: web_values().get(key(FS_USAGE, 'web-0')) == 300, 40,
+                      'the first values')
+        # The container restarts: new id, same name.
+        restart = {**web, 'web-0': (POD_UID_OLD, 'c2', 7000, 20)}
+        restart_delay = switch_to(restart, 7000, 20)
+        # The pod is re-created: a new uid, so a new pod cgroup and container ids.
+        recreated = {**restart, 'web-0': (POD_UID_NEW, 'c3', 1200, 25)}
+        recreate_delay = switch_to(recreated, 1200, 25)
+        # gone-1 is deleted.
+        deleted_at = time.monotonic()
+        pipeline.endpoint.set_text(kubelet_text({'web-0': recreated['web-0']}))
+        pipeline.wait(lambda: key(MEMORY, 'gone-1') not in web_values(), 30, 'gone-1 to leave')
+        gone_after = time.monotonic() - deleted_at
+        # Two more scrapes of prometheus2 after the last change.
+        time.sleep(3)
+        ranges = {metric: prometheus2_range(pipeline.prometheus2, metric, 'web-0')
+                  for metric in (MEMORY, FS_USAGE)}
+        assert_remote_write_failed_nothing(pipeline.prometheus1)
+
+    # Never old + new, at the exporter or in any sample prometheus2 stored.
+    shown = shown[shown.index((7000, 300)):]
+    assert set(shown) <= {(7000, 300), (7000, 20), (1200, 20), (7000, 25), (1200, 25)}, shown
+    assert set(ranges[MEMORY]) == {7000, 1200}, ranges
+    assert set(ranges[FS_USAGE]) == {300, 20, 25}, ranges
+    # The new value shows as soon as prometheus1 has scraped and sent it:
+    # two scrape intervals, plus the one second remote_write_entry waits
+    # before it sends a batch.
+    assert restart_delay <= 2 * interval + 1 + 1, restart_delay
+    assert recreate_delay <= 2 * interval + 1 + 1, recreate_delay
+    if stamp_now:
+        assert 3 <= gone_after <= 3 + 2 * interval + 1 + 3, gone_after  # TTL + sweep slack
+    else:
+        assert gone_after <= 2 * interval + 1 + 1, gone_after      # at its stale markers
+
+
+def prometheus2_range(prometheus2, metric, pod):
+    """Every value prometheus2 stored for one pod's metric over the last 5 minutes."""
+    result = prometheus2.query(f'{metric}{{pod="{pod}"}}[5m]')
+    assert len(result) == 1, result
+    return [float(value) for _, value in result[0]['values']]
+
+
+
 # Every fixture through one prometheus1.
 
 @pytest.fixture(scope='module')
