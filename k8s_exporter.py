@@ -65,20 +65,69 @@ LOG = logging.getLogger('k8s_exporter')
 # Configuration ###############################################################
 ###############################################################################
 
-# HELP texts of the seed's exposition; they are part of the output contract.
-SEED_HELP = {
-    'container_cpu_load_average_10s':
-        'Average load of container CPU over the past 10 seconds',
-    'container_fs_limit_bytes':
-        'The total amount of file system that the container can use (unit: bytes)',
-    'container_fs_usage_bytes':
-        'The usage of the file system in the container (unit: bytes)',
-    'container_memory_max_usage_bytes':
-        'The maximum memory usage of the container (unit: bytes)',
-    'container_memory_usage_bytes':
-        'The current memory usage of the container (unit: bytes)',
-}
-DEFAULT_METRICS = tuple(sorted(SEED_HELP))
+# How a pod's value is made from its input series (see "cAdvisor series to
+# pods" below; the README's aggregation section says the same).
+RULE_POD_CGROUP = 'pod_cgroup'   # the pod cgroup's series, else the sum over containers
+RULE_POD_LIMIT = 'pod_limit'     # the pod cgroup's series only: limits do not add up
+RULE_SUM = 'sum'                 # the sum over containers and devices
+RULE_DEVICE_LIMIT = 'device'     # the sum over distinct devices of that device's limit
+RULE_SANDBOX = 'sandbox'         # the pod's sandbox, whose network namespace all share
+
+
+class MetricSpec(NamedTuple):
+    """What one exported metric is; METRICS below is the one table of them."""
+    name: str
+    type: str        # the exposition's TYPE: 'gauge' or 'counter'
+    rule: str        # how the pod value is made: RULE_*
+    part_label: str  # a label that tells apart a cgroup's series of it ('cpu'), or ''
+    help: str        # the HELP text (the seed's own for its five)
+
+
+METRICS = {spec.name: spec for spec in (
+    # The seed's five: their HELP texts are part of the output contract.
+    MetricSpec('container_cpu_load_average_10s', 'gauge', RULE_POD_CGROUP, '',
+               'Average load of container CPU over the past 10 seconds'),
+    MetricSpec('container_fs_limit_bytes', 'gauge', RULE_DEVICE_LIMIT, '',
+               'The total amount of file system that the container can use (unit: bytes)'),
+    MetricSpec('container_fs_usage_bytes', 'gauge', RULE_SUM, '',
+               'The usage of the file system in the container (unit: bytes)'),
+    MetricSpec('container_memory_max_usage_bytes', 'gauge', RULE_POD_CGROUP, '',
+               'The maximum memory usage of the container (unit: bytes)'),
+    MetricSpec('container_memory_usage_bytes', 'gauge', RULE_POD_CGROUP, '',
+               'The current memory usage of the container (unit: bytes)'),
+    # What kubectl top, the HPA, the OOM killer and kubernetes-mixin judge pods by.
+    MetricSpec('container_cpu_usage_seconds_total', 'counter', RULE_POD_CGROUP, 'cpu',
+               'Cumulative CPU time consumed by the pod (unit: seconds)'),
+    MetricSpec('container_memory_working_set_bytes', 'gauge', RULE_POD_CGROUP, '',
+               'The working set memory of the pod, as the OOM killer sees it (unit: bytes)'),
+    MetricSpec('container_memory_rss', 'gauge', RULE_POD_CGROUP, '',
+               'The anonymous and swap cache memory of the pod (unit: bytes)'),
+    MetricSpec('container_memory_cache', 'gauge', RULE_POD_CGROUP, '',
+               'The page cache memory of the pod (unit: bytes)'),
+    MetricSpec('container_spec_memory_limit_bytes', 'gauge', RULE_POD_LIMIT, '',
+               'The memory limit of the pod, 0 for none (unit: bytes)'),
+    MetricSpec('container_network_receive_bytes_total', 'counter', RULE_SANDBOX, 'interface',
+               'Cumulative bytes received by the pod over all its interfaces (unit: bytes)'),
+    MetricSpec('container_network_transmit_bytes_total', 'counter', RULE_SANDBOX, 'interface',
+               'Cumulative bytes transmitted by the pod over all its interfaces (unit: bytes)'),
+)}
+DEFAULT_METRICS = ('container_cpu_load_average_10s', 'container_fs_limit_bytes',
+                   'container_fs_usage_bytes', 'container_memory_max_usage_bytes',
+                   'container_memory_usage_bytes')
+# The part labels by metric name, for the decoder: one dict lookup per kept series.
+PART_LABELS = {name: spec.part_label for name, spec in METRICS.items() if spec.part_label}
+
+
+def metric_spec(name):
+    """The table's entry for name; a name not in it is exported as a gauge,
+    with a generic HELP and the rule its name suggests."""
+    spec = METRICS.get(name)
+    if spec is not None:
+        return spec
+    rule = RULE_SUM if name.startswith('container_fs_') else RULE_POD_CGROUP
+    return MetricSpec(name, 'gauge', rule, '', f'cAdvisor {name}, one value per pod')
+
+
 METRIC_NAME_RE = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*\Z')
 
 
@@ -472,7 +521,7 @@ def _take_series(decoded, labels, samples, wanted, default_cluster):
         return
     count = len(samples)
     decoded.kept += count
-    identity = pod_series_identity(labels, default_cluster)
+    identity = pod_series_identity(labels, default_cluster, PART_LABELS.get(name, ''))
     if identity is None:
         decoded.no_pod += count
         return
@@ -512,6 +561,7 @@ class SeriesKey(NamedTuple):
     id: str
     image: str
     device: str
+    part: str = ''     # the value of the metric's part label (cpu="cpu00"), if it has one
 
     @property
     def identity(self):
@@ -519,10 +569,16 @@ class SeriesKey(NamedTuple):
 
         The pod-level cgroup, whatever the pod's uid; a container by its
         name (the sandbox is docker's "POD", or containerd's unnamed pause
-        container); per device for the fs metrics. A restarted container or
-        a re-created pod gets new ids and the same identity.
+        container); per device for the fs metrics, and per part (one CPU,
+        one interface). A restarted container or a re-created pod gets new
+        ids and the same identity.
         """
-        return self.pod_cgroup, self.container, self.device
+        return self.pod_cgroup, self.container, self.device, self.part
+
+    @property
+    def sandbox(self):
+        """The pod's sandbox: docker's POD container, containerd's pause container."""
+        return not self.pod_cgroup and self.container in ('POD', '')
 
 
 # (namespace, pod, container) label names, in the order they are tried.
@@ -540,8 +596,11 @@ POD_LABEL_CONVENTIONS = (
 POD_CGROUP_SEGMENT_RE = re.compile(r'(?:^|-)pod[0-9a-fA-F_-]+(?:\.slice)?\Z')
 
 
-def pod_series_identity(labels, default_cluster):
-    """Map a cAdvisor series' labels to (PodKey, SeriesKey), or None without a pod."""
+def pod_series_identity(labels, default_cluster, part_label=''):
+    """Map a cAdvisor series' labels to (PodKey, SeriesKey), or None without a pod.
+
+    part_label is the metric's (MetricSpec.part_label), if it has one.
+    """
     for namespace_label, pod_label, container_label in POD_LABEL_CONVENTIONS:
         pod = labels.get(pod_label)
         namespace = labels.get(namespace_label)
@@ -557,45 +616,48 @@ def pod_series_identity(labels, default_cluster):
                                   labels.get('job', ''), namespace, pod))
     series_key = _new_tuple(SeriesKey, (pod_cgroup, _intern(container), _intern(cgroup),
                                         _intern(labels.get('image', '')),
-                                        _intern(labels.get('device', ''))))
+                                        _intern(labels.get('device', '')),
+                                        _intern(labels.get(part_label, '')) if part_label else ''))
     return pod_key, series_key
 
 
-# How a pod's value is made from its input series, per metric.
-RULE_POD_CGROUP = 'pod_cgroup'   # the pod cgroup series, else the sum of containers
-RULE_SUM = 'sum'                 # sum over containers and devices
-RULE_DEVICE_LIMIT = 'device'     # sum over distinct devices of that device's limit
-
-
 def aggregation_rule(metric_name):
-    if metric_name == 'container_fs_limit_bytes':
-        return RULE_DEVICE_LIMIT
-    if metric_name.startswith('container_fs_'):
-        return RULE_SUM
-    return RULE_POD_CGROUP
+    return metric_spec(metric_name).rule
 
 
-def pod_value(rule, series):
-    """The pod's value from its input series, [(SeriesKey, value), ...]."""
-    if len(series) == 1 and (rule == RULE_POD_CGROUP or not series[0][0].pod_cgroup):
+def pod_value(rule, series, carried=0.0):
+    """The pod's value from its input series, [(SeriesKey, value), ...], or None.
+
+    carried is what a counter's containers had reached when they were
+    forgotten (see PodState); it adds to a sum over containers.
+    """
+    if len(series) == 1 and not carried and (
+            rule == RULE_POD_CGROUP or rule == RULE_SUM and not series[0][0].pod_cgroup):
         return series[0][1] or 0.0     # a sum of one: -0.0 is 0.0, as below
-    if rule == RULE_POD_CGROUP:
+    if rule == RULE_POD_CGROUP or rule == RULE_POD_LIMIT:
         pod_level = [value for key, value in series if key.pod_cgroup]
-        return sum_values(pod_level or [value for _, value in series]) if series else None
-    containers = [(key.device, value) for key, value in series if not key.pod_cgroup]
-    if not containers:
+        if pod_level or rule == RULE_POD_LIMIT:
+            return sum_values(pod_level) if pod_level else None
+        picked = [value for _, value in series]
+    elif rule == RULE_SANDBOX:
+        picked = [value for key, value in series if key.sandbox]
+    elif rule == RULE_SUM:
+        picked = [value for key, value in series if not key.pod_cgroup]
+    else:
+        # Containers of one pod share the pod's devices: count each device
+        # once, at the largest limit reported for it (NaN only if all are
+        # NaN, as PromQL's max).
+        limits = {}
+        for key, value in series:
+            if key.pod_cgroup:
+                continue
+            known = limits.get(key.device)
+            if known is None or value > known or known != known:
+                limits[key.device] = value
+        picked = list(limits.values())
+    if not picked:
         return None
-    if rule == RULE_SUM:
-        return sum_values([value for _, value in containers])
-    # Containers of one pod share the pod's devices: count each device once,
-    # at the largest limit reported for it (NaN only if all are NaN, as
-    # PromQL's max).
-    limits = {}
-    for device, value in containers:
-        known = limits.get(device)
-        if known is None or value > known or known != known:
-            limits[device] = value
-    return sum_values(limits.values())
+    return sum_values([*picked, carried] if carried else picked)
 
 
 def sum_values(values):
@@ -627,9 +689,9 @@ class Slots:
     A slot holds its series' newest sample, timestamp (ms) and value, and
     when that arrived (the store's arrival clock, in seconds, for the TTL and
     for "arrived last"). Arrival NaN: the key has no series of that metric.
-    A value that is a stale marker: the series has ended, and the slot is
-    kept until the TTL only so that older samples cannot bring it back.
-    Packed, a series costs its 24 bytes and no Python objects: about 25
+    A series ended by a stale marker keeps its slot (the marker's time, the
+    last value) until the TTL; PodState.ended says which those are. Packed,
+    a series costs its 24 bytes and no Python objects: about 25
     bytes less than a list of slots and a float.
     """
     SLOT = struct.Struct('<qdd')
@@ -664,14 +726,14 @@ class Slots:
                 if arrival < cutoff]     # False for NaN: no series
 
     @staticmethod
-    def live_values(series, metric, _size=SLOT.size, _unpack=SLOT.unpack_from):
-        """[(SeriesKey, value), ...] of metric's series that have not ended, of
+    def values(series, metric, _size=SLOT.size, _unpack=SLOT.unpack_from):
+        """[(SeriesKey, value), ...] of every series of metric held in
         {SeriesKey: slots}: one loop for a pod's render."""
         values = []
         at = _size * metric
         for key, slots in series.items():
             _, value, arrival = _unpack(slots, at)
-            if arrival == arrival and (value == value or _pack_double(value) != STALE_NAN_BYTES):
+            if arrival == arrival:
                 values.append((key, value))
         return values
 
@@ -696,10 +758,12 @@ class PodState:
 
     series maps SeriesKey -> its Slots bytearray: the cpu and memory series
     of one cgroup, and the fs series of one device, share one key.
-    live counts the series that have not ended; ended those that have
-    (held until the TTL). shared_identity says whether two keys stand for
-    the same thing (a container restarted, the pod was re-created): only
-    then can a sample change which series counts without changing a value.
+    live counts the series that have not ended; ended holds those that have,
+    as (SeriesKey, metric), until the TTL (None for none: most pods).
+    shared_identity says whether two keys stand for the same thing (a
+    container restarted, the pod was re-created): only then can a sample
+    change which series counts without changing a value. carried holds, per
+    counter, what its forgotten containers had reached (None until one is).
 
     values holds the pod's value per metric (None for none); output holds
     what its lines are made of: (escaped cluster, the labels after item,
@@ -708,14 +772,16 @@ class PodState:
     under the lock and join them after releasing it. Keeping the pieces, not
     whole lines, saves ~50 bytes per input series.
     """
-    __slots__ = ('key', 'series', 'live', 'ended', 'shared_identity', 'values', 'output')
+    __slots__ = ('key', 'series', 'live', 'ended', 'shared_identity', 'carried', 'values',
+                 'output')
 
     def __init__(self, key, metric_count):
         self.key = key
         self.series = {}
         self.live = 0
-        self.ended = 0
+        self.ended = None
         self.shared_identity = False
+        self.carried = None
         self.values = (None,) * metric_count
         self.output = (*pod_label_text(key), *(b'',) * metric_count)
 
@@ -731,20 +797,33 @@ class PodState:
         identities = [key.identity for key in self.series]
         self.shared_identity = len(set(identities)) < len(identities)
 
-    def counted_series(self, metric):
+    def has_ended(self, series_key, metric):
+        return self.ended is not None and (series_key, metric) in self.ended
+
+    def counted_series(self, metric, cumulative=False):
         """[(SeriesKey, value), ...] of metric: what the pod's value is made of.
 
         Of the series that stand for one thing (SeriesKey.identity), only the
         one with the newest sample counts, on equal timestamps the one that
-        arrived last; ended series never count. Only a pod with a restarted
-        container or a re-created cgroup has two such series, so the others
-        skip the comparison (a pod's render: 4.4 -> ... us).
+        arrived last; ended series never count, and nothing does when every
+        series has ended. cumulative (a counter): every container that stood
+        for one thing counts, ended or not, at its last value, so that a
+        restart does not make the pod's counter fall; pod cgroups as above.
+        Most pods have neither two series of one identity nor an ended one,
+        and skip the comparison.
         """
-        if not self.shared_identity:
-            return Slots.live_values(self.series, metric)
+        if not self.shared_identity and self.ended is None:
+            return Slots.values(self.series, metric)
+        ended = self.ended or ()
+        held = Slots.samples(self.series, metric)
+        if all((key, metric) in ended for key, _ in held):
+            return []
         newest = {}
-        for key, sample in Slots.samples(self.series, metric):
-            if is_stale_marker(sample[1]):
+        for key, sample in held:
+            if cumulative and not key.pod_cgroup:
+                newest[key] = (key, sample)
+                continue
+            if (key, metric) in ended:
                 continue
             identity = key.identity
             other = newest.get(identity)
@@ -766,7 +845,9 @@ class Store:
     def __init__(self, config):
         self.config = config
         self.metric_names = config.metrics
-        self.rules = [aggregation_rule(name) for name in config.metrics]
+        self.specs = [metric_spec(name) for name in config.metrics]
+        self.rules = [spec.rule for spec in self.specs]
+        self.cumulative = [spec.type == 'counter' for spec in self.specs]
         self._lock = threading.Lock()
         self._pods = {}              # PodKey -> PodState
         self._pod_keys = []          # sorted PodKeys: the output order
@@ -814,7 +895,7 @@ class Store:
                 else:
                     old_timestamp, old_value, old_arrival = read_slot(slots, at)
                     held = old_arrival == old_arrival
-                    ended = held and old_value != old_value and is_stale_marker(old_value)
+                    ended = held and pod.ended is not None and (series_key, metric) in pod.ended
                 # Per series, the newest sample wins.
                 if held and timestamp_ms <= old_timestamp:
                     ignored += 1
@@ -824,8 +905,8 @@ class Store:
                     # A stale marker ends the series; it is held, ended, so
                     # that a replay of older samples cannot bring it back.
                     if held and not ended:
-                        write_slot(slots, at, timestamp_ms, value, arrival)
-                        self._count_series(pod, live=-1, ended=1)
+                        write_slot(slots, at, timestamp_ms, old_value, arrival)
+                        self._end_series(pod, series_key, metric)
                         _add_to(touched, pod, metric)
                     continue
                 if not held:
@@ -838,6 +919,9 @@ class Store:
                     self._count_series(pod, live=1)
                     _add_to(touched, pod, metric)
                 elif ended:                  # a newer sample brings it back
+                    pod.ended.discard((series_key, metric))
+                    if not pod.ended:
+                        pod.ended = None
                     self._count_series(pod, live=1, ended=-1)
                     _add_to(touched, pod, metric)
                 elif value != old_value or pod.shared_identity:
@@ -869,20 +953,39 @@ class Store:
         return refused
 
     def _count_series(self, pod, live=0, ended=0):
-        """Move the live and ended series counts of pod and the store (lock held)."""
+        """Move the counts of live and ended series (lock held)."""
         was_live = pod.live > 0
         pod.live += live
-        pod.ended += ended
         self._live_series += live
         self._ended_series += ended
         self._live_pods += (pod.live > 0) - was_live
 
+    def _end_series(self, pod, series_key, metric):
+        """A stale marker ends a live series: held, not counted (lock held)."""
+        if pod.ended is None:
+            pod.ended = set()
+        pod.ended.add((series_key, metric))
+        self._count_series(pod, live=-1, ended=1)
+
     def _forget(self, pod, series_key, slots, metric):
-        """Drop one input series, live or ended (lock held)."""
-        if is_stale_marker(Slots.get(slots, metric)[1]):
+        """Drop one input series, live or ended (lock held).
+
+        A counter's container carries its last value forward into the pod's
+        sum: the CPU seconds a restarted container used stay counted.
+        """
+        if pod.has_ended(series_key, metric):
+            pod.ended.discard((series_key, metric))
+            if not pod.ended:
+                pod.ended = None
             self._count_series(pod, ended=-1)
         else:
             self._count_series(pod, live=-1)
+        if self.cumulative[metric] and not series_key.pod_cgroup and (
+                self.rules[metric] != RULE_SANDBOX or series_key.sandbox):
+            if pod.carried is None:
+                pod.carried = [0.0] * len(self.metric_names)
+            pod.carried[metric] = sum_values([pod.carried[metric],
+                                              Slots.get(slots, metric)[1]])
         if not Slots.forget(slots, metric):
             pod.remove_key(series_key)
 
@@ -899,9 +1002,11 @@ class Store:
         values = list(pod.values)
         output = list(pod.output)
         changed = False
+        carried = pod.carried
         for metric in metrics:
-            series = pod.counted_series(metric)
-            value = pod_value(self.rules[metric], series) if series else None
+            series = pod.counted_series(metric, self.cumulative[metric])
+            value = pod_value(self.rules[metric], series,
+                              carried[metric] if carried else 0.0) if series else None
             old = values[metric]
             if value is None if old is None else (
                     value is not None and _pack_double(value) == _pack_double(old)):
@@ -975,7 +1080,7 @@ class Store:
         expired = set()
         for series_key, slots in list(pod.series.items()):
             for metric in Slots.older_than(slots, cutoff):
-                if not is_stale_marker(Slots.get(slots, metric)[1]):
+                if not pod.has_ended(series_key, metric):
                     self.counters.expired_series += 1
                 self._forget(pod, series_key, slots, metric)
                 expired.add(metric)
@@ -1011,7 +1116,7 @@ class Store:
                 return {}
             result = {}
             for metric, name in enumerate(self.metric_names):
-                counted = {key for key, _ in pod.counted_series(metric)}
+                counted = {key for key, _ in pod.counted_series(metric, self.cumulative[metric])}
                 held = Slots.samples(pod.series, metric)
                 if held:
                     result[name] = [(key, sample, key in counted) for key, sample in held]
@@ -1136,10 +1241,6 @@ def escape_help(text):
     return text.replace('\\', '\\\\').replace('\n', '\\n')
 
 
-def metric_help(name):
-    return SEED_HELP.get(name) or f'cAdvisor {name}, one value per pod'
-
-
 OUTPUT_VALUES = 2    # PodState.output: cluster, labels after item, then the values
 
 
@@ -1161,8 +1262,9 @@ def render_pod_families(metric_names, snapshot):
             if output[at]:
                 add((head, output[0], item, output[1], output[at]))
         if pieces:     # as Go's client: a family without series is not shown
-            parts.append(f'# HELP {name} {escape_help(metric_help(name))}\n'
-                         f'# TYPE {name} gauge\n'.encode())
+            spec = metric_spec(name)
+            parts.append(f'# HELP {name} {escape_help(spec.help)}\n'
+                         f'# TYPE {name} {spec.type}\n'.encode())
             parts.append(b''.join(pieces))
     return b''.join(parts)
 

@@ -971,15 +971,15 @@ def test_config_rejects_a_bad_value_naming_the_variable(name, value, message):
 
 
 def test_metrics_variable_replaces_the_five_and_unknown_names_get_a_generic_help():
-    app = fresh_app(metrics=('container_memory_rss', 'container_memory_usage_bytes'))
-    table = [(cadvisor('container_memory_rss', 'ns', 'p'), [(7, 1)]),
+    app = fresh_app(metrics=('container_memory_swap', 'container_memory_usage_bytes'))
+    table = [(cadvisor('container_memory_swap', 'ns', 'p'), [(7, 1)]),
              (cadvisor('container_memory_usage_bytes', 'ns', 'p'), [(8, 1)]),
              (cadvisor('container_fs_usage_bytes', 'ns', 'p', 'c', '/x/pod1/c'), [(9, 1)])]
     assert call_wsgi(app, 'POST', '/write', rw1_body(table))[0] == 204
     assert pod_families(scrape(app)) == (
-        '# HELP container_memory_rss cAdvisor container_memory_rss, one value per pod\n'
-        '# TYPE container_memory_rss gauge\n'
-        'container_memory_rss{cluster="k8s-cluster",item="container_memory_rss",'
+        '# HELP container_memory_swap cAdvisor container_memory_swap, one value per pod\n'
+        '# TYPE container_memory_swap gauge\n'
+        'container_memory_swap{cluster="k8s-cluster",item="container_memory_swap",'
         'job="kubernetes-cadvisor",namespace="ns",pod="p"} 7\n'
         '# HELP container_memory_usage_bytes The current memory usage of the container '
         '(unit: bytes)\n'
