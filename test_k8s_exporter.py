@@ -93,6 +93,19 @@ EXPORTED_METRICS = ('container_cpu_load_average_10s', 'container_fs_limit_bytes'
 # The three that take the pod cgroup's value, else the sum of containers.
 POD_CGROUP_METRICS = ('container_cpu_load_average_10s', 'container_memory_max_usage_bytes',
                       'container_memory_usage_bytes')
+# The metrics the README documents beyond the five, by how the README says
+# their pod value is made; with the five, every name the exporter knows.
+COUNTERS = ('container_cpu_usage_seconds_total', 'container_network_receive_bytes_total',
+            'container_network_transmit_bytes_total')
+POD_CGROUP_GAUGES = ('container_memory_cache', 'container_memory_rss',
+                     'container_memory_working_set_bytes')
+POD_LIMIT = 'container_spec_memory_limit_bytes'
+KNOWN_METRICS = tuple(sorted((*EXPORTED_METRICS, *COUNTERS, *POD_CGROUP_GAUGES, POD_LIMIT)))
+# The label that tells a cgroup's series of a metric apart, where it has one.
+PART_LABEL = {'container_cpu_usage_seconds_total': 'cpu',
+              'container_network_receive_bytes_total': 'interface',
+              'container_network_transmit_bytes_total': 'interface'}
+CPU_USAGE = 'container_cpu_usage_seconds_total'
 MEMORY = 'container_memory_usage_bytes'
 FS_USAGE = 'container_fs_usage_bytes'
 DEFAULT_CLUSTER = 'k8s-cluster'
@@ -592,7 +605,7 @@ def requests_counted(text, handler, code):
         ('k8s_exporter_http_requests_total', (('code', str(code)), ('handler', handler))), 0)
 
 
-def pod_values_in(text):
+def pod_values_in(text, metrics=KNOWN_METRICS):
     """{(metric, cluster, job, namespace, pod): value} of the pod families of a page.
 
     Fails on a pod series whose labels are not exactly the five output
@@ -603,7 +616,7 @@ def pod_values_in(text):
         if not name.startswith('container_'):
             continue
         labels = dict(label_items)
-        assert name in EXPORTED_METRICS, name
+        assert name in metrics, name
         assert tuple(labels) == OUTPUT_LABELS, (name, labels)
         assert labels['item'] == name, (name, labels)
         assert labels['namespace'] and labels['pod'], (name, labels)
@@ -740,9 +753,23 @@ def largest_ignoring_nan(values):
     return max(numbers) if numbers else math.nan
 
 
+def is_sandbox(pod_cgroup, container):
+    """docker's POD container or containerd's unnamed pause container."""
+    return not pod_cgroup and container in ('POD', '')
+
+
 def pod_value_by_rules(metric, series):
-    """A pod's value of metric from its series [(pod cgroup?, device, value)], or None."""
-    containers = [(device, value) for pod_cgroup, device, value in series if not pod_cgroup]
+    """A pod's value of metric from its series [(pod cgroup?, container, device, value)],
+    or None."""
+    if metric in ('container_network_receive_bytes_total',
+                  'container_network_transmit_bytes_total'):
+        sandbox = [value for pod_cgroup, container, _, value in series
+                   if is_sandbox(pod_cgroup, container)]
+        return ieee_sum(sandbox) if sandbox else None
+    pod_cgroups = [value for pod_cgroup, _, _, value in series if pod_cgroup]
+    if metric == POD_LIMIT:
+        return ieee_sum(pod_cgroups) if pod_cgroups else None
+    containers = [(device, value) for pod_cgroup, _, device, value in series if not pod_cgroup]
     if metric == 'container_fs_usage_bytes':
         return ieee_sum(value for _, value in containers) if containers else None
     if metric == 'container_fs_limit_bytes':
@@ -750,12 +777,11 @@ def pod_value_by_rules(metric, series):
         for device, value in containers:
             per_device.setdefault(device, []).append(value)
         return ieee_sum(map(largest_ignoring_nan, per_device.values())) if per_device else None
-    pod_cgroups = [value for pod_cgroup, _, value in series if pod_cgroup]
     return ieee_sum(pod_cgroups or [value for _, value in containers])
 
 
-def input_series_by_rules(labels):
-    """((cluster, job, namespace, pod), series key) of one input series, or None.
+def input_series_by_rules(labels, metric=''):
+    """((cluster, job, namespace, pod), series key) of one input series of metric, or None.
 
     The series key holds the labels by which the store tells input series
     of one pod and metric apart (k8s_exporter.SeriesKey); cAdvisor's other
@@ -766,26 +792,29 @@ def input_series_by_rules(labels):
         return None
     namespace, pod, container = owner
     output = (labels.get('cluster') or DEFAULT_CLUSTER, labels.get('job') or '', namespace, pod)
+    part = labels.get(PART_LABEL[metric]) or '' if metric in PART_LABEL else ''
     return output, (is_pod_cgroup_series(labels), container, labels.get('id') or '',
-                    labels.get('image') or '', labels.get('device') or '')
+                    labels.get('image') or '', labels.get('device') or '', part)
 
 
-def expected_pod_values(tables):
+def expected_pod_values(tables, metrics=EXPORTED_METRICS):
     """{(metric, cluster, job, namespace, pod): value} after writing tables in order.
 
     Per input series the newest timestamp wins and an older or equal one is
     ignored (of a series written twice at one time, the first wins); a stale
     marker ends the series, and later samples no newer than it cannot bring
     it back. Of the series of one pod and metric that stand for the same
-    thing (pod cgroup or not, container, device), the one with the newest
-    sample counts, on equal timestamps the one written last.
+    thing (pod cgroup or not, container, device, part), the one with the
+    newest sample counts, on equal timestamps the one written last; for a
+    counter every container counts at its last value, ended or not. Nothing
+    counts when every series of the pod's metric has ended.
     """
-    latest = {}     # (metric, output labels, series key) -> (timestamp, arrival, value)
+    latest = {}     # (metric, output labels, series key) -> [timestamp, arrival, value, ended]
     arrival = 0
     for table in tables:
         for labels, samples in table:
             metric = labels.get('__name__')
-            identity = input_series_by_rules(labels) if metric in EXPORTED_METRICS else None
+            identity = input_series_by_rules(labels, metric) if metric in metrics else None
             if identity is None:
                 continue
             key = (metric, *identity)
@@ -794,22 +823,30 @@ def expected_pod_values(tables):
                 if key in latest and timestamp <= latest[key][0]:
                     continue
                 if bits_of(value) == STALE_NAN_BITS:
-                    if key in latest and bits_of(latest[key][2]) != STALE_NAN_BITS:
-                        latest[key] = (timestamp, arrival, value)
+                    if key in latest and not latest[key][3]:
+                        latest[key] = [timestamp, arrival, latest[key][2], True]
                 else:
-                    latest[key] = (timestamp, arrival, value)
-    counted = {}    # (metric, output labels, what the series stands for) -> the newest
-    for (metric, output, series_key), (timestamp, arrival, value) in latest.items():
-        if bits_of(value) == STALE_NAN_BITS:
-            continue
-        pod_cgroup, container, _, _, device = series_key
-        stands_for = (metric, output, (pod_cgroup, container, device))
-        if stands_for not in counted or (timestamp, arrival) > counted[stands_for][:2]:
-            counted[stands_for] = (timestamp, arrival, value)
+                    latest[key] = [timestamp, arrival, value, False]
     per_pod = {}
-    for (metric, output, (pod_cgroup, _, device)), (_, _, value) in counted.items():
-        per_pod.setdefault((metric, *output), []).append((pod_cgroup, device, value))
-    values = {key: pod_value_by_rules(key[0], series) for key, series in per_pod.items()}
+    for (metric, output, series_key), entry in latest.items():
+        per_pod.setdefault((metric, *output), []).append((series_key, entry))
+    values = {}
+    for pod_metric, held in per_pod.items():
+        metric = pod_metric[0]
+        if all(ended for _, (_, _, _, ended) in held):
+            continue
+        counted = {}
+        for (pod_cgroup, container, _, _, device, part), entry in held:
+            timestamp, arrival, value, ended = entry
+            if metric in COUNTERS and not pod_cgroup:
+                counted[len(counted), 'generation'] = (pod_cgroup, container, device, value)
+                continue
+            if ended:
+                continue
+            stands_for = (pod_cgroup, container, device, part)
+            if stands_for not in counted or (timestamp, arrival) > counted[stands_for][4:]:
+                counted[stands_for] = (pod_cgroup, container, device, value, timestamp, arrival)
+        values[pod_metric] = pod_value_by_rules(metric, [entry[:4] for entry in counted.values()])
     return {key: value for key, value in values.items() if value is not None}
 
 
@@ -1313,10 +1350,11 @@ def capture_samples(name):
     return [(metric, dict(labels), value) for metric, labels, value in _parsed_capture(name)]
 
 
-def expected_capture_values(samples, job=CAPTURE_JOB, cluster=None):
+def expected_capture_values(samples, job=CAPTURE_JOB, cluster=None, metrics=EXPORTED_METRICS):
     """What the model makes of one scrape of samples, with prometheus1's cluster label."""
     return expected_pod_values([capture_table(samples, job, CAPTURE_TIMESTAMP_MS,
-                                              {'cluster': cluster} if cluster else None)])
+                                              {'cluster': cluster} if cluster else None)],
+                               metrics)
 
 
 def post_samples(app, samples, protocol, timestamp_ms=CAPTURE_TIMESTAMP_MS):
@@ -1661,6 +1699,164 @@ def test_pod_series_identity_gives_legacy_unlabelled_pod_cgroup_no_pod():
                               _id_matches(rf'/kubepods/burstable/pod{UID}'))
     assert not {'pod_name', 'namespace', 'container_name'} & set(unlabelled)
     assert identity_of(unlabelled) is None
+
+
+###############################################################################
+# The metrics pods are judged by: CPU usage, working set, network #############
+###############################################################################
+
+REAL_CAPTURES = (CAPTURE_EKS_1_21, CAPTURE_MINIKUBE_1_22, CAPTURE_KIND_1_16,
+                 CAPTURE_MINIKUBE_1_35, CAPTURE_LEGACY_GKE)
+# Which of them carry each metric beyond the five, read off the captures
+# with grep: every capture has CPU usage (the legacy GKE node per CPU, with
+# one CPU); the minikube extracts carry no working set and no network.
+CAPTURES_WITH = {
+    CPU_USAGE: set(REAL_CAPTURES),
+    'container_memory_working_set_bytes': {CAPTURE_EKS_1_21, CAPTURE_KIND_1_16,
+                                           CAPTURE_LEGACY_GKE},
+    'container_network_receive_bytes_total': {CAPTURE_EKS_1_21, CAPTURE_KIND_1_16,
+                                              CAPTURE_LEGACY_GKE},
+}
+
+
+@pytest.mark.parametrize('capture', REAL_CAPTURES)
+def test_every_known_metric_of_a_real_capture_is_made_by_the_readme_rules(capture):
+    samples = capture_samples(capture)
+    app = fresh_app(metrics=KNOWN_METRICS)
+    post_samples(app, samples, 1)
+    served = pod_values_in(scrape(app))
+    assert served == expected_capture_values(samples, metrics=KNOWN_METRICS)
+    for metric, captures in CAPTURES_WITH.items():
+        # Where a capture lacks a metric, its pods have no line for it.
+        assert any(key[0] == metric for key in served) == (capture in captures), metric
+
+
+def test_the_default_output_is_the_five_whatever_else_arrives():
+    app = fresh_app()
+    samples = capture_samples(CAPTURE_EKS_1_21)
+    post_samples(app, samples, 1)
+    assert {key[0] for key in pod_values_in(scrape(app))} == set(EXPORTED_METRICS)
+
+
+def test_cpu_usage_is_a_counter_and_every_family_keeps_the_five_labels():
+    app = fresh_app(metrics=KNOWN_METRICS)
+    post_samples(app, capture_samples(CAPTURE_EKS_1_21), 1)
+    page = scrape(app)
+    types = dict(re.findall(r'^# TYPE (\S+) (\S+)$', page, re.M))
+    assert {name: kind for name, kind in types.items() if name.startswith('container_')} == {
+        name: 'counter' if name in COUNTERS else 'gauge' for name in KNOWN_METRICS}
+    names = [name for name in types if name.startswith('container_')]
+    assert names == sorted(names)
+    pod_values_in(page)      # every line has exactly the five output labels
+
+
+def test_cpu_usage_of_a_pod_cgroup_is_the_sum_over_its_cpus():
+    # Old kubelets give one series per CPU; modern ones one with cpu="total".
+    app = fresh_app(metrics=(CPU_USAGE,))
+    post(app, [(cadvisor(CPU_USAGE, 'ns', 'p', cgroup=POD_UID_OLD, cpu=f'cpu{n:02d}'),
+                [(value, 1000)]) for n, value in enumerate((1.5, 2.25, 0.125, 4.0))]
+         + [(cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', cpu='cpu00'),
+             [(99.0, 1000)])])
+    assert value_of(app, CPU_USAGE) == 7.875
+
+
+def test_cpu_usage_without_a_pod_cgroup_sums_containers_over_their_cpus():
+    app = fresh_app(metrics=(CPU_USAGE,))
+    post(app, [(cadvisor(CPU_USAGE, 'ns', 'p', container, f'{POD_UID_OLD}/{container}',
+                         cpu=cpu), [(value, 1000)])
+               for container, cpu, value in (('POD', 'cpu00', 0.5), ('POD', 'cpu01', 0.25),
+                                             ('app', 'cpu00', 10.0), ('app', 'cpu01', 20.0))])
+    assert value_of(app, CPU_USAGE) == 30.75
+
+
+def test_a_restarted_containers_cpu_seconds_stay_in_the_pods_counter():
+    # No pod cgroup series (kubelet < 1.16, CRI stats): the pod is the sum
+    # of its containers, and a counter must not fall when one restarts.
+    app = fresh_app(metrics=(CPU_USAGE,), ttl_seconds=10)
+    old = cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', cpu='total')
+    new = cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c2', cpu='total')
+    sidecar = cadvisor(CPU_USAGE, 'ns', 'p', 'sidecar', f'{POD_UID_OLD}/s1', cpu='total')
+    post(app, [(old, [(100.0, 1000)]), (sidecar, [(1.0, 1000)])])
+    assert value_of(app, CPU_USAGE) == 101.0
+    post(app, [(new, [(2.0, 2000)]), (sidecar, [(1.5, 2000)])])
+    assert value_of(app, CPU_USAGE) == 103.5
+    between = time.monotonic()
+    time.sleep(0.01)
+    post(app, [(new, [(5.0, 3000)]), (sidecar, [(2.0, 3000)])])
+    app.store.expire(now=between + 10)          # the old container is forgotten
+    assert counted_ids(app, CPU_USAGE) == {f'{POD_UID_OLD}/c2': True, f'{POD_UID_OLD}/s1': True}
+    assert value_of(app, CPU_USAGE) == 107.0    # its 100 s are carried
+    # It restarts again: both earlier containers' seconds stay.
+    newest = cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c3', cpu='total')
+    between = time.monotonic()
+    time.sleep(0.01)
+    post(app, [(newest, [(0.5, 4000)]), (sidecar, [(2.5, 4000)])])
+    app.store.expire(now=between + 10)
+    assert value_of(app, CPU_USAGE) == 108.0    # 100 + 5 carried, 0.5 + 2.5 live
+
+
+def test_a_counters_container_ended_by_a_stale_marker_counts_once_when_it_comes_back():
+    # A failed scrape sends stale markers for every series of the target;
+    # the next scrape brings them back.
+    app = fresh_app(metrics=(CPU_USAGE,))
+    app_container = cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', cpu='total')
+    sidecar = cadvisor(CPU_USAGE, 'ns', 'p', 'sidecar', f'{POD_UID_OLD}/s1', cpu='total')
+    post(app, [(app_container, [(100.0, 1000)]), (sidecar, [(1.0, 1000)])])
+    post(app, [(app_container, [(STALE_NAN, 2000)])])
+    assert value_of(app, CPU_USAGE) == 101.0     # ended at its last value
+    post(app, [(app_container, [(103.0, 3000)])])
+    assert value_of(app, CPU_USAGE) == 104.0
+    post(app, [(app_container, [(STALE_NAN, 4000)]), (sidecar, [(STALE_NAN, 4000)])])
+    assert value_of(app, CPU_USAGE) is None      # every series ended: the pod leaves
+
+
+def test_a_recreated_pods_cpu_counter_starts_again_from_its_new_pod_cgroup():
+    app = fresh_app(metrics=(CPU_USAGE,))
+    post(app, [(cadvisor(CPU_USAGE, 'ns', 'p', cgroup=POD_UID_OLD, cpu='total'),
+                [(500.0, 1000)])])
+    post(app, [(cadvisor(CPU_USAGE, 'ns', 'p', cgroup=POD_UID_NEW, cpu='total'),
+                [(3.0, 2000)])])
+    assert value_of(app, CPU_USAGE) == 3.0
+
+
+NETWORK_RX = 'container_network_receive_bytes_total'
+
+
+@pytest.mark.parametrize('sandbox', ['POD', ''], ids=['docker-POD', 'containerd-pause'])
+def test_network_counters_come_from_the_sandbox_summed_over_interfaces(sandbox):
+    app = fresh_app(metrics=(NETWORK_RX,))
+    post(app, [(cadvisor(NETWORK_RX, 'ns', 'p', sandbox, f'{POD_UID_OLD}/p1', interface=name),
+                [(value, 1000)]) for name, value in (('eth0', 1000.0), ('tunl0', 24.0))]
+         + [(cadvisor(NETWORK_RX, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', interface='eth0'),
+             [(1000.0, 1000)]),
+            (cadvisor(NETWORK_RX, 'ns', 'p', cgroup=POD_UID_OLD, interface='eth0'),
+             [(5000.0, 1000)])])
+    assert value_of(app, NETWORK_RX) == 1024.0
+
+
+def test_the_memory_limit_is_the_pod_cgroups_and_0_means_none():
+    app = fresh_app(metrics=(POD_LIMIT,))
+    post(app, [(cadvisor(POD_LIMIT, 'ns', 'limited', cgroup=POD_UID_OLD), [(268435456, 1)]),
+               (cadvisor(POD_LIMIT, 'ns', 'limited', 'app', f'{POD_UID_OLD}/c1'),
+                [(134217728, 1)]),
+               (cadvisor(POD_LIMIT, 'ns', 'unlimited', cgroup=POD_UID_NEW), [(0, 1)]),
+               (cadvisor(POD_LIMIT, 'ns', 'containers-only', 'app', f'{POD_UID_NEW}ab/c1'),
+                [(134217728, 1)])])
+    assert {key[4]: value for key, value in pod_values_in(scrape(app)).items()} == {
+        'limited': 268435456, 'unlimited': 0}
+
+
+@pytest.mark.parametrize('name', ['container_memory_swap', 'container_fs_inodes_free'])
+def test_an_unknown_metric_name_is_a_gauge_with_a_generic_help_and_its_prefix_rule(name):
+    app = fresh_app(metrics=(name,))
+    post(app, [(cadvisor(name, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', device='/dev/vda1'),
+                [(4, 1)]), (cadvisor(name, 'ns', 'p', cgroup=POD_UID_OLD), [(10, 1)])])
+    page = scrape(app)
+    assert f'# HELP {name} cAdvisor {name}, one value per pod\n# TYPE {name} gauge\n' in page
+    # fs names sum containers; others take the pod cgroup.
+    assert pod_values_in(page, metrics=(name,)) == {
+        (name, DEFAULT_CLUSTER, 'kubernetes-cadvisor', 'ns', 'p'):
+            4 if name.startswith('container_fs_') else 10}
 
 
 ###############################################################################
