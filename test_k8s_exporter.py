@@ -3740,6 +3740,59 @@ def prometheus2_range(prometheus2, metric, pod):
 
 
 
+RECOMMENDED_METRICS = ('container_cpu_usage_seconds_total', 'container_memory_working_set_bytes',
+                       'container_memory_usage_bytes', 'container_spec_memory_limit_bytes',
+                       'container_network_receive_bytes_total',
+                       'container_network_transmit_bytes_total')
+
+
+def test_the_recommended_metrics_are_known_and_the_readme_and_example_agree():
+    readme = (HERE / 'README.md').read_text(encoding='utf-8')
+    assert f'K8S_EXPORTER_METRICS={",".join(RECOMMENDED_METRICS)}\n' in readme
+    assert set(RECOMMENDED_METRICS) <= set(k8s_exporter.METRICS)
+    example = (HERE / 'examples' / 'prometheus1.yml').read_text(encoding='utf-8')
+    regex = re.search(r'# regex: (container_\(cpu_usage\S+)', example).group(1)
+    assert {name for name in KNOWN_METRICS if re.fullmatch(regex, name)} == set(
+        RECOMMENDED_METRICS)
+
+
+@needs_prometheus
+def test_pipeline_cpu_counter_rate_in_prometheus2_survives_a_container_restart():
+    # Containers only (CRI stats mode): the pod's counter is the sum of its
+    # containers, and the restarted one's seconds must stay in it.
+    job = 'kubernetes-cadvisor'
+
+    def text(containers):
+        return ''.join(f'container_cpu_usage_seconds_total{{container="app",cpu="total",'
+                       f'id="{container_id}",namespace="ns",pod="web-0"}} {seconds}\n'
+                       for container_id, seconds in containers)
+
+    with contextlib.ExitStack() as stack:
+        pipeline = SmallPipeline(stack, text([('c1', 100.0)]), job, exporter_env={
+            'K8S_EXPORTER_METRICS': ','.join(RECOMMENDED_METRICS)})
+        started = time.monotonic()
+        deadline = started + 16
+        restarted_at = started + 8
+        while time.monotonic() < deadline:      # 0.5 CPU-seconds per second
+            elapsed = time.monotonic() - started
+            if elapsed < restarted_at - started:
+                pipeline.endpoint.set_text(text([('c1', 100.0 + 0.5 * elapsed)]))
+            else:         # c1 is gone (a stale marker follows), c2 counts from 0
+                pipeline.endpoint.set_text(
+                    text([('c2', 0.5 * (elapsed - (restarted_at - started)))]))
+            time.sleep(0.1)
+        time.sleep(2)
+        rate = pipeline.prometheus2.query('rate(container_cpu_usage_seconds_total[6s])')
+        resets = pipeline.prometheus2.query('resets(container_cpu_usage_seconds_total[1m])')
+        stored = prometheus2_range(pipeline.prometheus2, CPU_USAGE, 'web-0')
+        assert_remote_write_failed_nothing(pipeline.prometheus1)
+    assert [series['metric']['pod'] for series in rate] == ['web-0']
+    assert 0.35 <= float(rate[0]['value'][1]) <= 0.65, rate
+    assert float(resets[0]['value'][1]) == 0, stored
+    assert stored == sorted(stored) and stored[-1] >= 100 + 0.5 * 8, stored
+
+
+
 # Every fixture through one prometheus1.
 
 @pytest.fixture(scope='module')
