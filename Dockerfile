@@ -26,13 +26,6 @@ RUN python3 -m venv /opt/k8s-exporter \
  && /opt/k8s-exporter/bin/pip uninstall -y -q pip setuptools
 
 FROM debian:bookworm-slim
-# make image passes the commit (git describe) and the origin's URL.
-ARG VERSION=dev
-ARG SOURCE=
-LABEL org.opencontainers.image.title="k8s_exporter" \
-      org.opencontainers.image.description="Per-pod cAdvisor gauges, from Prometheus remote write to a /metrics page" \
-      org.opencontainers.image.source="$SOURCE" \
-      org.opencontainers.image.version="$VERSION"
 # python3 alone: no pip, no venv module, no compiler. The venv's python is
 # a link to /usr/bin/python3, the same path in both stages.
 RUN apt-get update \
@@ -53,6 +46,14 @@ EXPOSE 9201
 # The slim image has no curl or wget; podman keeps this only with --format docker.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
   CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9201/-/healthy', timeout=4).status != 200)"]
+# Last, so that a new commit rebuilds only from here. make image passes the
+# commit (git describe) and the origin's URL.
+ARG VERSION=dev
+ARG SOURCE=
+LABEL org.opencontainers.image.title="k8s_exporter" \
+      org.opencontainers.image.description="Per-pod cAdvisor gauges, from Prometheus remote write to a /metrics page" \
+      org.opencontainers.image.source="$SOURCE" \
+      org.opencontainers.image.version="$VERSION"
 # `make run`'s command; gunicorn.conf.py beside it holds the rest.
 CMD ["gunicorn", "-w", "1", "--threads", "8", "-b", "0.0.0.0:9201", \
      "--worker-tmp-dir", "/dev/shm", "k8s_exporter:app"]

@@ -22,6 +22,7 @@ import gzip
 import http.client
 import importlib.util
 import io
+import json
 import math
 import os
 import platform
@@ -2991,6 +2992,259 @@ def test_sigterm_lets_an_in_flight_write_finish_then_gunicorn_exits_0():
     finally:
         server.stop()
     assert b'Traceback' not in server.log, server.log.decode(errors='replace')
+
+
+###############################################################################
+# Deployment: the image, docker compose, Kubernetes ###########################
+###############################################################################
+
+# The Dockerfile is built with podman (this machine has no Docker daemon),
+# and the image's own filesystem is run: with `podman run` where the OCI
+# runtime works, else by chroot into `podman image mount`, as the image's
+# user, in its working directory, with its command and environment. The
+# manifests and the compose file are checked offline against the Kubernetes
+# API schemas (kubernetes-validate) and the Compose specification
+# (check-jsonschema); the Prometheus configs beside them with promtool.
+
+IMAGE_UNDER_TEST = 'localhost/k8s-exporter:test'
+IMAGE_BASE = 'docker.io/library/debian:bookworm-slim'
+IMAGE_USER = '10001:10001'
+EXAMPLES = HERE / 'examples'
+KUBERNETES_EXAMPLES = EXAMPLES / 'kubernetes'
+
+
+@pytest.fixture
+def prometheus_installed():
+    """Skips as needs_prometheus does (the pipeline section below defines it)."""
+    if needs_prometheus.args[0]:
+        pytest.skip(needs_prometheus.kwargs['reason'])
+
+
+def podman(*args, timeout=60, check=True):
+    return subprocess.run(['podman', *args], capture_output=True, text=True, timeout=timeout,
+                          check=check)
+
+
+@pytest.fixture(scope='module')
+def built_image():
+    """The Dockerfile built by `make image` with podman, from the local base image only."""
+    if shutil.which('podman') is None:
+        pytest.skip('podman not installed: the image tests need Debian\'s podman '
+                    '(`make podman` as root)')
+    if podman('image', 'exists', IMAGE_BASE, check=False).returncode != 0:
+        pytest.skip(f'no {IMAGE_BASE} in podman\'s store (`make base-image` as root)')
+    built = subprocess.run(
+        ['make', '-s', 'image', 'CONTAINER_TOOL=podman', f'IMAGE={IMAGE_UNDER_TEST}',
+         'IMAGE_BUILD_ARGS=--pull=never --quiet'],
+        cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    # The images this tag named before, so that runs do not pile them up.
+    podman('image', 'prune', '--force', '--filter',
+           'label=org.opencontainers.image.title=k8s_exporter', check=False)
+    return IMAGE_UNDER_TEST
+
+
+@pytest.fixture(scope='module')
+def image_config(built_image):
+    """The image's Config; podman reports the healthcheck beside it."""
+    inspected = json.loads(podman('image', 'inspect', built_image).stdout)[0]
+    return {**inspected['Config'], 'Healthcheck': inspected.get('Healthcheck')}
+
+
+@pytest.fixture(scope='module')
+def image_root(built_image):
+    """The image's filesystem, mounted read-only, as a container's root would be."""
+    root = Path(podman('image', 'mount', built_image).stdout.strip())
+    try:
+        yield root
+    finally:
+        podman('image', 'unmount', built_image, check=False)
+
+
+def image_environment(config, **extra):
+    """The image's ENV, plus extra: what a container of it starts with."""
+    return dict(line.split('=', 1) for line in config['Env']) | extra
+
+
+def podman_run_works(image):
+    """'' when `podman run` can start a container here, else why not (its error)."""
+    probe = podman('run', '--rm', '--network=host', image, 'python3', '-c', 'print(6 * 7)',
+                   check=False, timeout=120)
+    if probe.returncode == 0 and probe.stdout.strip() == '42':
+        return ''
+    return (probe.stderr.strip().splitlines() or ['exit %d' % probe.returncode])[-1]
+
+
+# Run as a shell in a mount namespace of its own: the mounts vanish with it,
+# and the image's root stays read-only, as readOnlyRootFilesystem has it.
+CHROOT_LAUNCHER = '''
+set -e
+root=$1; secrets=$2; user=$3; workdir=$4; shift 4
+mount -t proc proc "$root/proc"
+mount --rbind /dev "$root/dev"
+mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
+mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+mount --bind "$secrets" "$root/run"
+exec chroot --userspec="$user" "$root" /usr/bin/env -i -C "$workdir" "$@"
+'''
+
+
+class ImageExporter(StartStop):
+    """The image's command, run from the image's filesystem on a free loopback port.
+
+    `podman run --network=host` where it works; else chroot (how is set to
+    say which). secrets is a host folder that appears as /run in the
+    container, where docker and compose mount their secrets.
+    """
+
+    def __init__(self, image, config, root, secrets, env=None):
+        self.image, self.config, self.root, self.secrets = image, config, root, secrets
+        self.env = image_environment(config, **(env or {}))
+        self.port = free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        self.how = None
+        self.process = None
+        self.log = b''
+
+    def command(self):
+        """The image's CMD with its listen address moved to this test's port."""
+        command = list(self.config['Cmd'])
+        command[command.index('-b') + 1] = f'127.0.0.1:{self.port}'
+        return command
+
+    def start(self):
+        refused = podman_run_works(self.image)
+        if not refused:
+            self.how = 'podman run'
+            argv = ['podman', 'run', '--rm', '--network=host', '--read-only',
+                    '--tmpfs', '/dev/shm', '--tmpfs', '/tmp',
+                    '--volume', f'{self.secrets}:/run:ro',
+                    *[f'--env={name}={value}' for name, value in self.env.items()],
+                    self.image, *self.command()]
+        else:
+            self.how = f'chroot into podman image mount (podman run: {refused})'
+            argv = ['unshare', '--mount', '--propagation', 'private', '--', 'sh', '-c',
+                    CHROOT_LAUNCHER, 'launcher', str(self.root), str(self.secrets),
+                    self.config['User'], self.config['WorkingDir'],
+                    *[f'{name}={value}' for name, value in self.env.items()],
+                    *self.command()]
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.process.poll() is not None or http_request(
+                       self.url + '/-/healthy', timeout=1)[0] == 200,
+                   timeout=60, what='the image\'s exporter to answer /-/healthy')
+        if self.process.poll() is not None:
+            self.stop()
+            pytest.fail(f'the image\'s exporter exited at start-up ({self.how}):\n'
+                        f'{self.log.decode(errors="replace")}')
+        return self
+
+    def stop(self):
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.log, _ = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.log, _ = self.process.communicate()
+        self.process = None
+
+    def metrics(self):
+        status, text = scrape_url(self.url)
+        assert status == 200
+        return text
+
+
+def processes_serving(port):
+    """{pid: (real uid, effective uid, root folder)} of the processes started with
+    127.0.0.1:port in their command line: a gunicorn master and its worker."""
+    found = {}
+    for entry in Path('/proc').iterdir():
+        try:
+            cmdline = (entry / 'cmdline').read_bytes().split(b'\0')
+            if f'127.0.0.1:{port}'.encode() not in cmdline or b'k8s_exporter:app' not in cmdline:
+                continue
+            with open(entry / 'status') as status_file:
+                uids = next(line.split()[1:3] for line in status_file if line.startswith('Uid:'))
+            found[int(entry.name)] = (int(uids[0]), int(uids[1]), os.readlink(entry / 'root'))
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError):
+            continue
+    return found
+
+
+def test_image_is_configured_as_the_readme_says(image_config):
+    assert image_config['User'] == IMAGE_USER
+    assert image_config['WorkingDir'] == '/app'
+    assert set(image_config['ExposedPorts']) == {'9201/tcp'}
+    # make run's command; the worker's heartbeat file off the root filesystem.
+    assert image_config['Cmd'] == ['gunicorn', '-w', '1', '--threads', '8', '-b', '0.0.0.0:9201',
+                                   '--worker-tmp-dir', '/dev/shm', 'k8s_exporter:app']
+    assert image_config['Healthcheck'], 'no HEALTHCHECK: podman keeps it only with --format docker'
+    assert image_config['Healthcheck']['Test'][:2] == ['CMD', 'python3']
+    assert '/-/healthy' in image_config['Healthcheck']['Test'][-1]
+    labels = image_config['Labels']
+    assert labels['org.opencontainers.image.version'] not in ('', 'dev')
+    assert 'org.opencontainers.image.source' in labels
+
+
+def test_image_holds_python3_the_venv_and_the_exporter_and_nothing_to_build_with(image_root):
+    assert sorted(path.name for path in (image_root / 'app').iterdir()) == [
+        'gunicorn.conf.py', 'k8s_exporter.py', 'remote_pb2.py']
+    assert (image_root / 'app' / 'k8s_exporter.py').read_bytes() == \
+        (HERE / 'k8s_exporter.py').read_bytes()
+    site = next((image_root / 'opt' / 'k8s-exporter' / 'lib').glob('python3*')) / 'site-packages'
+    installed = {path.name.split('-')[0].lower() for path in site.glob('*.dist-info')}
+    wanted = {line.split('==')[0].lower().replace('-', '_') for line in
+              (HERE / 'requirements.txt').read_text().splitlines()
+              if line and not line.startswith('#')}
+    # The three, and cramjam, python-snappy's codec.
+    assert installed == wanted | {'cramjam'}
+    for absent in ('opt/k8s-exporter/bin/pip', 'usr/bin/pip3', 'usr/bin/gcc', 'usr/bin/cc',
+                   'usr/lib/python3.11/ensurepip', 'root/.cache/pip'):
+        assert not (image_root / absent).exists(), absent
+    assert not list((image_root / 'var' / 'lib' / 'apt' / 'lists').glob('*_Packages'))
+
+
+def test_image_serves_a_real_prometheus1_write_as_its_non_root_user_on_a_read_only_root(
+        built_image, image_config, image_root, tmp_path, prometheus_installed, capsys):
+    text = capture_text(SYNTHETIC_MODERN)
+    expected = e2e_expected_values(text, 'kubelet')
+    secrets = tmp_path / 'secrets'
+    secrets.mkdir()
+    (secrets / 'write-token').write_text('image-test-token\n')
+    with contextlib.ExitStack() as stack:
+        exporter = ImageExporter(built_image, image_config, image_root, secrets, {
+            'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': '/run/write-token'})
+        stack.enter_context(exporter)
+        with capsys.disabled():
+            print(f'\n  image {built_image} run by {exporter.how}', flush=True)
+        # Master and worker, as the image's numeric user; by chroot, in the image's root.
+        served_by = wait_until(lambda: len(processes_serving(exporter.port)) == 2 and
+                               processes_serving(exporter.port), 20, 'gunicorn and its worker')
+        for uid, euid, root in served_by.values():
+            assert (uid, euid) == (10001, 10001)
+            assert root == str(image_root) or exporter.how == 'podman run'
+        endpoint = stack.enter_context(CadvisorEndpoint(text))
+        entry = remote_write_entry(exporter.url + '/write')
+        entry['authorization'] = {'credentials_file': str(secrets / 'write-token')}
+        prometheus1 = start_prometheus(stack, prometheus1_config(
+            {'kubelet': endpoint.address}, [entry], E2E_CLUSTER), 'prometheus1')
+        wait_in_pipeline(lambda: exporter_pod_values(exporter) == expected, 40,
+                         f'the image\'s exporter to hold {len(expected)} pod series',
+                         [prometheus1])
+        assert_remote_write_failed_nothing(prometheus1)
+        # The credential is a file mounted in: without it, writes are refused.
+        assert write(exporter.url, seed_table())[0] == 401
+        # The image's healthcheck, pointed at this test's port.
+        healthcheck = [word.replace('9201', str(exporter.port))
+                       for word in image_config['Healthcheck']['Test'][1:]]
+        checked = subprocess.run(['chroot', f'--userspec={IMAGE_USER}', str(image_root),
+                                  *healthcheck], capture_output=True, timeout=30)
+        assert checked.returncode == 0, checked.stderr
+    healthcheck_when_down = subprocess.run(['chroot', f'--userspec={IMAGE_USER}', str(image_root),
+                                            *healthcheck], capture_output=True, timeout=30)
+    assert healthcheck_when_down.returncode != 0
 
 
 ###############################################################################
