@@ -21,7 +21,7 @@ help: ## list the targets
 run: $(VENV)/.runtime ## serve on $(LISTEN) (default 0.0.0.0:9201) as in production
 	$(BIN)/gunicorn -w 1 --threads 8 -b $(LISTEN) $(GUNICORN_ARGS) k8s_exporter:app
 
-test: $(VENV)/.dev prometheus podman base-image ## run every test, end to end with a real Prometheus
+test: $(VENV)/.dev $(VENV)/.npm prometheus podman base-image ## run every test, end to end with a real Prometheus
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) test_k8s_exporter.py
 
 bench: $(VENV)/.dev prometheus ## compare ingest, scrape and memory with Prometheus itself
@@ -57,6 +57,14 @@ $(VENV)/.runtime: requirements.txt
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
+
+# prometheus-operator's CRD schemas, for the tests of its example objects; in
+# the venv, so that clean removes them. Skipped (and said) without npm.
+$(VENV)/.npm: | $(VENV)/.runtime
+	@if command -v npm >/dev/null; then \
+	  npm install --prefix $(VENV)/npm --no-audit --no-fund --silent \
+	    @kubernetes-models/prometheus-operator@6.0.0 && touch $@; \
+	else echo "npm not installed: the prometheus-operator objects are checked without their schemas"; fi
 
 # Debian's prometheus package brings prometheus and promtool for the
 # end-to-end tests and the benchmark. Without root the tests that need it

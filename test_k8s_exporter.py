@@ -3247,6 +3247,351 @@ def test_image_serves_a_real_prometheus1_write_as_its_non_root_user_on_a_read_on
     assert healthcheck_when_down.returncode != 0
 
 
+# Kubernetes manifests.
+
+NPM_MODULES = VENV_BIN.parent / 'npm'
+SHARDS_SCRIPT = KUBERNETES_EXAMPLES / 'shards.py'
+OPERATOR_EXAMPLES = KUBERNETES_EXAMPLES / 'prometheus-operator'
+
+
+def yaml_documents(path):
+    import yaml
+    return [document for document in yaml.safe_load_all(path.read_text(encoding='utf-8'))
+            if document is not None]
+
+
+def kubernetes_objects(path):
+    """{kind: object} of one manifest file."""
+    return {document['kind']: document for document in yaml_documents(path)}
+
+
+def render_shards(shards, out):
+    """Run shards.py as `make shards` does; {file name: Path} of what it wrote."""
+    made = subprocess.run([sys.executable, str(SHARDS_SCRIPT), str(shards), '--out', str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    return {Path(line).name: Path(line) for line in made.stdout.split()}
+
+
+def kubernetes_schema_errors(document):
+    """'' if document passes the Kubernetes API schema of its kind (strict: no
+    unknown fields), else the validator's message."""
+    kubernetes_validate = pytest.importorskip('kubernetes_validate')
+    try:
+        kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return str(error)
+    return ''
+
+
+def core_manifests(tmp_path):
+    paths = sorted(KUBERNETES_EXAMPLES.glob('*.yaml'))
+    return paths + [render_shards(3, tmp_path)['k8s-exporter-shards.yaml']]
+
+
+def test_kubernetes_manifests_pass_the_kubernetes_api_schemas(tmp_path):
+    checked = []
+    for path in core_manifests(tmp_path):
+        for document in yaml_documents(path):
+            assert kubernetes_schema_errors(document) == '', (path.name, document['kind'])
+            checked.append(document['kind'])
+    assert sorted(checked) == ['Deployment', 'NetworkPolicy', 'Secret', 'Service', 'Service',
+                               'StatefulSet']
+
+
+def test_kubernetes_schema_check_refuses_a_misspelt_field():
+    deployment = kubernetes_objects(KUBERNETES_EXAMPLES / 'deployment.yaml')['Deployment']
+    container = deployment['spec']['template']['spec']['containers'][0]
+    container['securityContext']['readOnlyRootFilesytem'] = True
+    assert 'readOnlyRootFilesytem' in kubernetes_schema_errors(deployment)
+
+
+def test_kubernetes_deployment_runs_one_locked_down_exporter_of_the_image():
+    deployment = kubernetes_objects(KUBERNETES_EXAMPLES / 'deployment.yaml')['Deployment']
+    assert 'namespace' not in deployment['metadata']
+    assert deployment['spec']['replicas'] == 1
+    assert deployment['spec']['strategy'] == {'type': 'Recreate'}
+    pod = deployment['spec']['template']['spec']
+    assert pod['securityContext']['runAsNonRoot'] is True
+    assert f'{pod["securityContext"]["runAsUser"]}:{pod["securityContext"]["runAsGroup"]}' == \
+        IMAGE_USER
+    (container,) = pod['containers']
+    assert container['securityContext'] == {
+        'allowPrivilegeEscalation': False, 'readOnlyRootFilesystem': True, 'privileged': False,
+        'capabilities': {'drop': ['ALL']}}
+    assert container['ports'] == [{'name': 'http', 'containerPort': 9201}]
+    probes = {probe: container[probe]['httpGet'] for probe in ('readinessProbe', 'livenessProbe')}
+    assert probes == {'readinessProbe': {'path': '/-/ready', 'port': 'http'},
+                      'livenessProbe': {'path': '/-/healthy', 'port': 'http'}}
+    for probe in probes.values():
+        assert call_wsgi(fresh_app(), 'GET', probe['path'])[0] == 200
+    # Sized from the bench: 64 MiB held 10,000 pods.
+    assert container['resources'] == {'requests': {'cpu': '100m', 'memory': '64Mi'},
+                                      'limits': {'cpu': '1', 'memory': '256Mi'}}
+    assert pod['volumes'] == [{'name': 'credentials', 'secret': {
+        'secretName': kubernetes_objects(KUBERNETES_EXAMPLES / 'secret.yaml')['Secret'][
+            'metadata']['name'], 'optional': True}}]
+    service = kubernetes_objects(KUBERNETES_EXAMPLES / 'service.yaml')['Service']
+    assert service['spec']['selector'] == deployment['spec']['selector']['matchLabels'] == \
+        deployment['spec']['template']['metadata']['labels']
+    assert service['spec']['ports'] == [{'name': 'http', 'port': 9201, 'targetPort': 'http'}]
+
+
+def test_kubernetes_network_policy_admits_only_the_two_prometheus_servers_on_9201():
+    policy = kubernetes_objects(KUBERNETES_EXAMPLES / 'networkpolicy.yaml')['NetworkPolicy']
+    assert policy['spec']['podSelector']['matchLabels'] == {'app.kubernetes.io/name':
+                                                            'k8s-exporter'}
+    assert policy['spec']['policyTypes'] == ['Ingress']
+    (rule,) = policy['spec']['ingress']
+    assert rule['ports'] == [{'port': 9201, 'protocol': 'TCP'}]
+    assert [peer['podSelector']['matchLabels'] for peer in rule['from']] == [
+        {'app.kubernetes.io/name': 'prometheus1'}, {'app.kubernetes.io/name': 'prometheus2'}]
+    text = (KUBERNETES_EXAMPLES / 'networkpolicy.yaml').read_text()
+    assert text.count('# ADAPT') == 4
+
+
+def test_shards_statefulset_runs_the_deployments_pod_on_a_headless_service(tmp_path):
+    deployment = kubernetes_objects(KUBERNETES_EXAMPLES / 'deployment.yaml')['Deployment']
+    shards = kubernetes_objects(render_shards(3, tmp_path)['k8s-exporter-shards.yaml'])
+    statefulset, service = shards['StatefulSet'], shards['Service']
+    # Everything but the commented-out credential variables, which YAML drops.
+    assert statefulset['spec']['template']['spec'] == deployment['spec']['template']['spec']
+    assert statefulset['spec']['replicas'] == 3
+    assert statefulset['spec']['serviceName'] == service['metadata']['name']
+    assert service['spec']['clusterIP'] == 'None'
+    assert service['spec']['selector'] == statefulset['spec']['selector']['matchLabels'] == \
+        statefulset['spec']['template']['metadata']['labels']
+    # Not the single exporter's pods: both may run while moving from one to the other.
+    assert service['spec']['selector'] != deployment['spec']['selector']['matchLabels']
+
+
+def test_shards_script_refuses_fewer_than_two(tmp_path):
+    made = subprocess.run([sys.executable, str(SHARDS_SCRIPT), '1', '--out', str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 2
+    assert 'shards: 2 or more' in made.stderr.splitlines()[-1]
+
+
+def shards_prometheus1_config(files, cadvisor_address, exporter_urls):
+    """The rendered remote_write entries in a prometheus1 config, each URL replaced by
+    a test exporter's and the queue made to ship within a second; nothing else changed."""
+    (remote_write_text,) = yaml_documents(files['prometheus1-remote-write.yaml'])
+    entries = remote_write_text['remote_write']
+    assert len(entries) == len(exporter_urls)
+    for entry, url in zip(entries, exporter_urls):
+        entry['url'] = url + '/write'
+        entry['queue_config'] = remote_write_entry(url)['queue_config']
+    return prometheus1_config({'kubelet': cadvisor_address}, entries, E2E_CLUSTER)
+
+
+def test_shards_remote_write_for_three_passes_promtool(tmp_path, prometheus_installed):
+    files = render_shards(3, tmp_path / 'shards')
+    for name in ('prometheus1-remote-write.yaml', 'prometheus2-scrape.yaml'):
+        path = tmp_path / name
+        path.write_text(json.dumps({'global': {'scrape_interval': '15s'},
+                                    **yaml_documents(files[name])[0]}))
+        status, output = promtool_check_config(path)
+        assert (status, 'SUCCESS' in output) == (0, True), output
+    (scrape,) = yaml_documents(files['prometheus2-scrape.yaml'])[0]['scrape_configs']
+    assert scrape['honor_labels'] is True
+    assert scrape['static_configs'][0]['targets'] == [
+        f'k8s-exporter-{shard}.k8s-exporter-shards.monitoring.svc:9201' for shard in range(3)]
+
+
+def test_shards_for_three_put_each_pod_on_exactly_one_of_three_exporters(tmp_path,
+                                                                          prometheus_installed):
+    files = render_shards(3, tmp_path)
+    text = capture_text(CAPTURE_EKS_1_21)
+    expected = e2e_expected_values(text, 'kubelet')
+    with contextlib.ExitStack() as stack:
+        endpoint = stack.enter_context(CadvisorEndpoint(text, stamp_now=True))
+        exporters = [stack.enter_context(Gunicorn()) for _ in range(3)]
+        prometheus1 = start_prometheus(stack, shards_prometheus1_config(
+            files, endpoint.address, [exporter.url for exporter in exporters]), 'prometheus1')
+        wait_in_pipeline(lambda: sum(len(exporter_pod_values(exporter))
+                                     for exporter in exporters) == len(expected), 40,
+                         'the three shards to hold every pod series', [prometheus1])
+        held = [exporter_pod_values(exporter) for exporter in exporters]
+        assert all(held), [len(values) for values in held]
+        for one, other in ((0, 1), (0, 2), (1, 2)):
+            assert not pods_of(held[one]) & pods_of(held[other])
+        assert {**held[0], **held[1], **held[2]} == expected
+        for exporter in exporters:
+            assert_remote_write_failed_nothing(prometheus1, relabelled=True,
+                                               url=exporter.url + '/write')
+
+
+# prometheus-operator objects: against the CRD schemas that
+# @kubernetes-models/prometheus-operator ships (installed by make test with
+# npm), and for the fields that matter.
+
+OPERATOR_VALIDATOR = '''
+import * as models from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1';
+import { readFileSync } from 'node:fs';
+for (const object of JSON.parse(readFileSync(0, 'utf8'))) {
+  try {
+    new models[object.kind](object).validate();
+    console.log('valid');
+  } catch (error) {
+    console.log(error.message.split('\\n')[0]);
+  }
+}
+'''
+
+
+def operator_schema_verdicts(objects):
+    """'valid' or the first line of the schema error, for each object."""
+    if not (NPM_MODULES / 'node_modules' / '@kubernetes-models' / 'prometheus-operator').is_dir():
+        pytest.skip(f'@kubernetes-models/prometheus-operator not in {NPM_MODULES} (make test '
+                    'installs it with npm)')
+    checked = subprocess.run(['node', '--input-type=module', '-e', OPERATOR_VALIDATOR],
+                             input=json.dumps(objects), cwd=NPM_MODULES, capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    return checked.stdout.splitlines()
+
+
+def operator_objects():
+    return [document for path in sorted(OPERATOR_EXAMPLES.glob('*.yaml'))
+            for document in yaml_documents(path)]
+
+
+def test_prometheus_operator_objects_pass_their_crd_schemas():
+    objects = operator_objects()
+    assert sorted(document['kind'] for document in objects) == ['Prometheus', 'ServiceMonitor']
+    assert operator_schema_verdicts(objects) == ['valid', 'valid']
+    broken = [document for document in objects if document['kind'] == 'ServiceMonitor']
+    broken[0]['spec']['endpoints'][0]['honorLabels'] = 'yes'
+    assert operator_schema_verdicts(broken) == [
+        'data/spec/endpoints/0/honorLabels must be boolean']
+
+
+def test_prometheus_operator_objects_keep_labels_and_write_to_the_service():
+    objects = {document['kind']: document for document in operator_objects()}
+    service = kubernetes_objects(KUBERNETES_EXAMPLES / 'service.yaml')['Service']
+    monitor = objects['ServiceMonitor']['spec']
+    assert monitor['endpoints'] == [{'port': 'http', 'path': '/metrics', 'interval': '15s',
+                                     'honorLabels': True}]
+    assert monitor['selector']['matchLabels'].items() <= service['metadata']['labels'].items()
+    (remote_write,) = objects['Prometheus']['spec']['remoteWrite']
+    assert remote_write['url'] == f'http://{service["metadata"]["name"]}.monitoring.svc:9201/write'
+    (keep,) = remote_write['writeRelabelConfigs']
+    assert keep['action'] == 'keep' and keep['sourceLabels'] == ['__name__']
+    names = set(EXPORTED_METRICS) | {'container_cpu_load_d_average_10s',
+                                     'container_memory_working_set_bytes'}
+    assert {name for name in names if re.fullmatch(keep['regex'], name)} == set(EXPORTED_METRICS)
+
+
+# docker compose: the seed's pipeline on one docker host.
+
+COMPOSE_FILE = EXAMPLES / 'docker-compose.yml'
+
+
+def check_compose_schema(path):
+    checked = subprocess.run([str(VENV_BIN / 'check-jsonschema'), '--builtin-schema',
+                              'vendor.compose-spec', str(path)],
+                             capture_output=True, text=True, timeout=120)
+    return checked.returncode, checked.stdout + checked.stderr
+
+
+def test_compose_file_passes_the_compose_specification_schema(tmp_path):
+    if not (VENV_BIN / 'check-jsonschema').exists():
+        pytest.skip('check-jsonschema (requirements-dev.txt) is not installed')
+    assert check_compose_schema(COMPOSE_FILE) == (0, 'ok -- validation done\n')
+    misspelt = tmp_path / 'docker-compose.yml'
+    misspelt.write_text(COMPOSE_FILE.read_text().replace('    read_only: true\n',
+                                                         '    readonly: true\n', 1))
+    status, output = check_compose_schema(misspelt)
+    assert status == 1 and "'readonly' was unexpected" in output, output
+
+
+def test_compose_prometheus_configs_pass_promtool_check_config(prometheus_installed):
+    mounted = [volume.split(':')[0] for service in
+               yaml_documents(COMPOSE_FILE)[0]['services'].values()
+               for volume in service.get('volumes', []) if volume.endswith('prometheus.yml:ro')]
+    assert mounted == ['./docker-prometheus1.yml', './docker-prometheus2.yml']
+    for name in mounted:
+        status, output = promtool_check_config(EXAMPLES / name)
+        assert (status, 'SUCCESS' in output) == (0, True), output
+
+
+def test_compose_capture_is_the_standalone_capture_of_the_fixtures():
+    assert (EXAMPLES / 'cadvisor-standalone.txt').read_bytes() == \
+        capture_path('synthetic-cadvisor-standalone').read_bytes()
+
+
+def compose_service_config(compose, service):
+    """A Prometheus config that compose mounts into service, as a dict."""
+    (volume,) = [volume for volume in compose['services'][service]['volumes']
+                 if volume.endswith(':/etc/prometheus/prometheus.yml:ro')]
+    (config,) = yaml_documents(EXAMPLES / volume.split(':')[0])
+    return config
+
+
+def on_loopback(config, addresses):
+    """config with every scrape target and write URL moved from its compose service
+    (host:port) to a loopback address, and 1 s intervals; nothing else changed."""
+    text = json.dumps(config)
+    for service_address, address in addresses.items():
+        text = text.replace(service_address, address)
+    config = json.loads(text)
+    config['global']['scrape_interval'] = config['global']['evaluation_interval'] = '1s'
+    for job in config['scrape_configs']:
+        job['scrape_timeout'] = '1s'
+    for entry in config.get('remote_write', []):
+        entry['queue_config'] = remote_write_entry(entry['url'])['queue_config']
+    return config
+
+
+def test_compose_pipeline_on_loopback_shows_the_captures_pods_and_no_plain_containers(
+        prometheus_installed):
+    """The compose file's services, each run here as compose runs it but on 127.0.0.1:
+    the capture service's command, the exporter, prometheus1 and prometheus2 with the
+    mounted configs. cAdvisor is a page of plain docker containers, as on a host
+    without Kubernetes."""
+    compose = yaml_documents(COMPOSE_FILE)[0]
+    command = compose['services']['capture']['command']
+    assert command[:2] == ['python3', 'demo_k8s_exporter.py']
+    capture_file = EXAMPLES / 'cadvisor-standalone.txt'
+    plain_containers = ''.join(line + '\n' for line in capture_text(
+        'synthetic-cadvisor-standalone').splitlines()
+        if 'container_label_io_kubernetes' not in line)
+    cluster = compose_service_config(compose, 'prometheus1')['global']['external_labels'][
+        'cluster']
+    capture_port = free_port()
+    arguments = [argument.replace('0.0.0.0:8081', f'127.0.0.1:{capture_port}').replace(
+                 '/capture/cadvisor-standalone.txt', str(capture_file)) for argument in command[2:]]
+    with contextlib.ExitStack() as stack:
+        capture = subprocess.Popen([sys.executable, str(HERE / command[1]), *arguments],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE)
+        stack.callback(lambda: (capture.terminate(), capture.communicate(timeout=30)))
+        wait_until(lambda: http_request(
+            f'http://127.0.0.1:{capture_port}/metrics/cadvisor', timeout=1)[0] == 200, 20,
+            'the capture service')
+        cadvisor = CadvisorEndpoint(plain_containers)
+        cadvisor.path = '/metrics'   # a standalone cAdvisor's, prometheus1's default
+        stack.enter_context(cadvisor)
+        exporter = Gunicorn(env={'K8S_EXPORTER_CLUSTER': 'docker-host'}).start()
+        stack.callback(exporter.stop)
+        addresses = {'capture:8081': f'127.0.0.1:{capture_port}',
+                     'cadvisor:8080': cadvisor.address,
+                     'exporter:9201': f'127.0.0.1:{exporter.port}'}
+        prometheus1 = start_prometheus(stack, on_loopback(
+            compose_service_config(compose, 'prometheus1'), addresses), 'prometheus1')
+        prometheus2 = start_prometheus(stack, on_loopback(
+            compose_service_config(compose, 'prometheus2'), addresses), 'prometheus2')
+        expected = expected_capture_values(read_samples(capture_file.read_text()),
+                                           'cadvisor-capture', cluster)
+        wait_in_pipeline(lambda: exporter_pod_values(exporter) == expected and
+                         prometheus2_pod_values(prometheus2, {addresses['exporter:9201']}) ==
+                         expected, 40, 'the capture\'s pods in the exporter and prometheus2',
+                         [prometheus1, prometheus2])
+        # cAdvisor's plain containers were scraped and written too, and show as no pod.
+        assert cadvisor.requests and prometheus1.query('up{job="cadvisor"} == 1')
+        assert exporter_pod_values(exporter) == expected
+        assert_remote_write_failed_nothing(prometheus1, relabelled=True)
+
+
 ###############################################################################
 # The real Prometheus pipeline ################################################
 ###############################################################################
