@@ -44,8 +44,10 @@ from fractions import Fraction
 from pathlib import Path
 from wsgiref.validate import validator
 
+import kubernetes_validate
 import pytest
 import snappy
+import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -3214,6 +3216,8 @@ def test_image_serves_a_real_prometheus1_write_as_its_non_root_user_on_a_read_on
     secrets = tmp_path / 'secrets'
     secrets.mkdir()
     (secrets / 'write-token').write_text('image-test-token\n')
+    with pytest.raises(OSError, match='Read-only file system'):
+        (image_root / 'app' / 'written').write_text('')
     with contextlib.ExitStack() as stack:
         exporter = ImageExporter(built_image, image_config, image_root, secrets, {
             'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': '/run/write-token'})
@@ -3256,7 +3260,6 @@ OPERATOR_EXAMPLES = KUBERNETES_EXAMPLES / 'prometheus-operator'
 
 
 def yaml_documents(path):
-    import yaml
     return [document for document in yaml.safe_load_all(path.read_text(encoding='utf-8'))
             if document is not None]
 
@@ -3277,7 +3280,6 @@ def render_shards(shards, out):
 def kubernetes_schema_errors(document):
     """'' if document passes the Kubernetes API schema of its kind (strict: no
     unknown fields), else the validator's message."""
-    kubernetes_validate = pytest.importorskip('kubernetes_validate')
     try:
         kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
     except kubernetes_validate.ValidationError as error:
@@ -3593,6 +3595,8 @@ def test_compose_pipeline_on_loopback_shows_the_captures_pods_and_no_plain_conta
         assert cadvisor.requests and prometheus1.query('up{job="cadvisor"} == 1')
         assert exporter_pod_values(exporter) == expected
         assert_remote_write_failed_nothing(prometheus1, relabelled=True)
+        capture.terminate()
+        assert capture.wait(30) == 0   # SIGTERM ends it cleanly, as `docker compose down` does
 
 
 ###############################################################################
