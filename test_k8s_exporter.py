@@ -3186,8 +3186,11 @@ def test_image_is_configured_as_the_readme_says(image_config):
     assert image_config['Healthcheck'], 'no HEALTHCHECK: podman keeps it only with --format docker'
     assert image_config['Healthcheck']['Test'][:2] == ['CMD', 'python3']
     assert '/-/healthy' in image_config['Healthcheck']['Test'][-1]
+    # make image labels the build with the commit ('dev' outside a git checkout).
+    described = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=HERE,
+                               capture_output=True, text=True, timeout=30)
     labels = image_config['Labels']
-    assert labels['org.opencontainers.image.version'] not in ('', 'dev')
+    assert labels['org.opencontainers.image.version'] == (described.stdout.strip() or 'dev')
     assert 'org.opencontainers.image.source' in labels
 
 
