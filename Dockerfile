@@ -5,7 +5,7 @@
 #   docker run -p 9201:9201 k8s-exporter
 #
 # Configured by the K8S_EXPORTER_* variables; credentials are files mounted
-# in (K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE=/etc/k8s-exporter/write-token).
+# in (K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE=/run/secrets/write-token).
 # The root filesystem may be read-only: gunicorn's worker heartbeat file
 # goes to /dev/shm, and nothing else is written.
 

@@ -5,8 +5,8 @@ model of the README's aggregation rules, both written without the
 exporter's code. The tests then follow k8s_exporter.py from pure functions
 to the WSGI app: the seed, configuration, remote-write decoding, cAdvisor
 series to pods, real kubelet captures, the store, exposition, the WSGI app,
-authentication and bad input; then a real gunicorn over HTTP, then the real
-Prometheus pipeline (skipped, with the reason, without /usr/bin/prometheus
+authentication and bad input; then a real gunicorn over HTTP, the deployment
+files (the image, docker compose, Kubernetes), then the real Prometheus pipeline (skipped, with the reason, without /usr/bin/prometheus
 and promtool; its harness lives in demo_k8s_exporter.py).
 
 Run with `make test`. K8S_EXPORTER_SOAK_SECONDS (8 here, 60 in `make soak`)
@@ -3006,8 +3006,11 @@ def test_sigterm_lets_an_in_flight_write_finish_then_gunicorn_exits_0():
 # runtime works, else by chroot into `podman image mount`, as the image's
 # user, in its working directory, with its command and environment. The
 # manifests and the compose file are checked offline against the Kubernetes
-# API schemas (kubernetes-validate) and the Compose specification
-# (check-jsonschema); the Prometheus configs beside them with promtool.
+# API schemas (kubernetes-validate), prometheus-operator's CRD schemas (npm
+# @kubernetes-models/prometheus-operator) and the Compose specification
+# (check-jsonschema); the Prometheus configs beside them with promtool. The
+# sharded StatefulSet's remote_write and the compose pipeline then run with
+# real Prometheus servers on 127.0.0.1.
 
 IMAGE_UNDER_TEST = 'localhost/k8s-exporter:test'
 IMAGE_BASE = 'docker.io/library/debian:bookworm-slim'
