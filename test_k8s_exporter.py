@@ -6,8 +6,9 @@ exporter's code. The tests then follow k8s_exporter.py from pure functions
 to the WSGI app: the seed, configuration, remote-write decoding, cAdvisor
 series to pods, real kubelet captures, the store, exposition, the WSGI app,
 authentication and bad input; then a real gunicorn over HTTP, the deployment
-files (the image, docker compose, Kubernetes), then the real Prometheus pipeline (skipped, with the reason, without /usr/bin/prometheus
-and promtool; its harness lives in demo_k8s_exporter.py).
+files (the image, docker compose, Kubernetes), then the real Prometheus
+pipeline (skipped, with the reason, without /usr/bin/prometheus and
+promtool; its harness lives in demo_k8s_exporter.py).
 
 Run with `make test`. K8S_EXPORTER_SOAK_SECONDS (8 here, 60 in `make soak`)
 sets the length of the soak; K8S_EXPORTER_PROPERTY_EXAMPLES (200) how long
