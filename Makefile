@@ -43,7 +43,7 @@ image: ## build the container image $(IMAGE) from the Dockerfile
 	$(CONTAINER_TOOL) build $(if $(filter podman,$(CONTAINER_TOOL)),$(PODMAN_BUILD_ARGS)) \
 	  --build-arg VERSION=$(VERSION) --build-arg SOURCE=$(SOURCE) $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
 
-shards: ## print the sharded manifests and prometheus1's remote_write for SHARDS exporters
+shards: ## write shards-$(SHARDS)/: a StatefulSet of SHARDS exporters and both Prometheus configs
 	@$(PYTHON) examples/kubernetes/shards.py $(SHARDS)
 
 clean: ## remove the venv and caches
