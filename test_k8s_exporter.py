@@ -3180,6 +3180,23 @@ def processes_serving(port):
     return found
 
 
+@pytest.mark.parametrize('docker_answers, tool', [(True, 'docker'), (False, 'podman')],
+                         ids=['docker-daemon', 'no-docker-daemon'])
+def test_make_image_builds_with_docker_when_its_daemon_answers_else_podman(tmp_path,
+                                                                           docker_answers, tool):
+    # A docker client that answers `docker info` as a daemon would, or as
+    # this machine's does without one.
+    (tmp_path / 'docker').write_text(f'#!/bin/sh\nexit {0 if docker_answers else 1}\n')
+    (tmp_path / 'docker').chmod(0o755)
+    planned = subprocess.run(['make', '-s', '-n', 'image'], cwd=HERE, capture_output=True,
+                             text=True, timeout=60,
+                             env={**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}'})
+    command = ' '.join(planned.stdout.replace('\\\n', ' ').split())
+    assert command.startswith(f'{tool} build '), command
+    assert ('--isolation chroot --format docker' in command) == (tool == 'podman'), command
+    assert command.endswith(' -t k8s-exporter:latest .'), command
+
+
 def test_image_is_configured_as_the_readme_says(image_config):
     assert image_config['User'] == IMAGE_USER
     assert image_config['WorkingDir'] == '/app'
