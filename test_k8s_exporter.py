@@ -5,9 +5,10 @@ model of the README's aggregation rules, both written without the
 exporter's code. The tests then follow k8s_exporter.py from pure functions
 to the WSGI app: the seed, configuration, remote-write decoding, cAdvisor
 series to pods, real kubelet captures, the store, exposition, the WSGI app,
-authentication and bad input; then a real gunicorn over HTTP, then the real
-Prometheus pipeline (skipped, with the reason, without /usr/bin/prometheus
-and promtool; its harness lives in demo_k8s_exporter.py).
+authentication and bad input; then a real gunicorn over HTTP, the deployment
+files (the image, docker compose, Kubernetes), then the real Prometheus
+pipeline (skipped, with the reason, without /usr/bin/prometheus and
+promtool; its harness lives in demo_k8s_exporter.py).
 
 Run with `make test`. K8S_EXPORTER_SOAK_SECONDS (8 here, 60 in `make soak`)
 sets the length of the soak; K8S_EXPORTER_PROPERTY_EXAMPLES (200) how long
@@ -22,7 +23,9 @@ import gzip
 import http.client
 import importlib.util
 import io
+import json
 import math
+import operator
 import os
 import platform
 import re
@@ -42,8 +45,10 @@ from fractions import Fraction
 from pathlib import Path
 from wsgiref.validate import validator
 
+import kubernetes_validate
 import pytest
 import snappy
+import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -3470,6 +3475,631 @@ def test_sigterm_lets_an_in_flight_write_finish_then_gunicorn_exits_0():
     finally:
         server.stop()
     assert b'Traceback' not in server.log, server.log.decode(errors='replace')
+
+
+###############################################################################
+# Deployment: the image, docker compose, Kubernetes ###########################
+###############################################################################
+
+# The Dockerfile is built with podman (this machine has no Docker daemon),
+# and the image's own filesystem is run: with `podman run` where the OCI
+# runtime works, else by chroot into `podman image mount`, as the image's
+# user, in its working directory, with its command and environment. The
+# manifests and the compose file are checked offline against the Kubernetes
+# API schemas (kubernetes-validate), prometheus-operator's CRD schemas (npm
+# @kubernetes-models/prometheus-operator) and the Compose specification
+# (check-jsonschema); the Prometheus configs beside them with promtool. The
+# sharded StatefulSet's remote_write and the compose pipeline then run with
+# real Prometheus servers on 127.0.0.1.
+
+IMAGE_UNDER_TEST = 'localhost/k8s-exporter:test'
+IMAGE_BASE = 'docker.io/library/debian:bookworm-slim'
+IMAGE_USER = '10001:10001'
+EXAMPLES = HERE / 'examples'
+KUBERNETES_EXAMPLES = EXAMPLES / 'kubernetes'
+
+
+@pytest.fixture
+def prometheus_installed():
+    """Skips as needs_prometheus does (the pipeline section below defines it)."""
+    if needs_prometheus.args[0]:
+        pytest.skip(needs_prometheus.kwargs['reason'])
+
+
+def podman(*args, timeout=60, check=True):
+    return subprocess.run(['podman', *args], capture_output=True, text=True, timeout=timeout,
+                          check=check)
+
+
+@pytest.fixture(scope='module')
+def built_image():
+    """The Dockerfile built by `make image` with podman, from the local base image only."""
+    if shutil.which('podman') is None:
+        pytest.skip('podman not installed: the image tests need Debian\'s podman '
+                    '(`make podman` as root)')
+    if podman('image', 'exists', IMAGE_BASE, check=False).returncode != 0:
+        pytest.skip(f'no {IMAGE_BASE} in podman\'s store (`make base-image` as root)')
+    built = subprocess.run(
+        ['make', '-s', 'image', 'CONTAINER_TOOL=podman', f'IMAGE={IMAGE_UNDER_TEST}',
+         'IMAGE_BUILD_ARGS=--pull=never --quiet'],
+        cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    # The images this tag named before, so that runs do not pile them up.
+    podman('image', 'prune', '--force', '--filter',
+           'label=org.opencontainers.image.title=k8s_exporter', check=False)
+    return IMAGE_UNDER_TEST
+
+
+@pytest.fixture(scope='module')
+def image_config(built_image):
+    """The image's Config; podman reports the healthcheck beside it."""
+    inspected = json.loads(podman('image', 'inspect', built_image).stdout)[0]
+    return {**inspected['Config'], 'Healthcheck': inspected.get('Healthcheck')}
+
+
+@pytest.fixture(scope='module')
+def image_root(built_image):
+    """The image's filesystem, mounted read-only, as a container's root would be."""
+    root = Path(podman('image', 'mount', built_image).stdout.strip())
+    try:
+        yield root
+    finally:
+        podman('image', 'unmount', built_image, check=False)
+
+
+def image_environment(config, **extra):
+    """The image's ENV, plus extra: what a container of it starts with."""
+    return dict(line.split('=', 1) for line in config['Env']) | extra
+
+
+def podman_run_works(image):
+    """'' when `podman run` can start a container here, else why not (its error)."""
+    probe = podman('run', '--rm', '--network=host', image, 'python3', '-c', 'print(6 * 7)',
+                   check=False, timeout=120)
+    if probe.returncode == 0 and probe.stdout.strip() == '42':
+        return ''
+    return (probe.stderr.strip().splitlines() or ['exit %d' % probe.returncode])[-1]
+
+
+# Run as a shell in a mount namespace of its own: the mounts vanish with it,
+# and the image's root stays read-only, as readOnlyRootFilesystem has it.
+CHROOT_LAUNCHER = '''
+set -e
+root=$1; secrets=$2; user=$3; workdir=$4; shift 4
+mount -t proc proc "$root/proc"
+mount --rbind /dev "$root/dev"
+mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
+mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+mount --bind "$secrets" "$root/run"
+exec chroot --userspec="$user" "$root" /usr/bin/env -i -C "$workdir" "$@"
+'''
+
+
+class ImageExporter(StartStop):
+    """The image's command, run from the image's filesystem on a free loopback port.
+
+    `podman run --network=host` where it works; else chroot (how is set to
+    say which). secrets is a host folder that appears as /run in the
+    container, where docker and compose mount their secrets.
+    """
+
+    def __init__(self, image, config, root, secrets, env=None):
+        self.image, self.config, self.root, self.secrets = image, config, root, secrets
+        self.env = image_environment(config, **(env or {}))
+        self.port = free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        self.how = None
+        self.process = None
+        self.log = b''
+
+    def command(self):
+        """The image's CMD with its listen address moved to this test's port."""
+        command = list(self.config['Cmd'])
+        command[command.index('-b') + 1] = f'127.0.0.1:{self.port}'
+        return command
+
+    def start(self):
+        refused = podman_run_works(self.image)
+        if not refused:
+            self.how = 'podman run'
+            argv = ['podman', 'run', '--rm', '--network=host', '--read-only',
+                    '--tmpfs', '/dev/shm', '--tmpfs', '/tmp',
+                    '--volume', f'{self.secrets}:/run:ro',
+                    *[f'--env={name}={value}' for name, value in self.env.items()],
+                    self.image, *self.command()]
+        else:
+            self.how = f'chroot into podman image mount (podman run: {refused})'
+            argv = ['unshare', '--mount', '--propagation', 'private', '--', 'sh', '-c',
+                    CHROOT_LAUNCHER, 'launcher', str(self.root), str(self.secrets),
+                    self.config['User'], self.config['WorkingDir'],
+                    *[f'{name}={value}' for name, value in self.env.items()],
+                    *self.command()]
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.process.poll() is not None or http_request(
+                       self.url + '/-/healthy', timeout=1)[0] == 200,
+                   timeout=60, what='the image\'s exporter to answer /-/healthy')
+        if self.process.poll() is not None:
+            self.stop()
+            pytest.fail(f'the image\'s exporter exited at start-up ({self.how}):\n'
+                        f'{self.log.decode(errors="replace")}')
+        return self
+
+    def stop(self):
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.log, _ = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.log, _ = self.process.communicate()
+        self.process = None
+
+    def metrics(self):
+        status, text = scrape_url(self.url)
+        assert status == 200
+        return text
+
+
+def processes_serving(port):
+    """{pid: (real uid, effective uid, root folder)} of the processes started with
+    127.0.0.1:port in their command line: a gunicorn master and its worker."""
+    found = {}
+    for entry in Path('/proc').iterdir():
+        try:
+            cmdline = (entry / 'cmdline').read_bytes().split(b'\0')
+            if f'127.0.0.1:{port}'.encode() not in cmdline or b'k8s_exporter:app' not in cmdline:
+                continue
+            with open(entry / 'status') as status_file:
+                uids = next(line.split()[1:3] for line in status_file if line.startswith('Uid:'))
+            found[int(entry.name)] = (int(uids[0]), int(uids[1]), os.readlink(entry / 'root'))
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize('docker_answers, tool', [(True, 'docker'), (False, 'podman')],
+                         ids=['docker-daemon', 'no-docker-daemon'])
+def test_make_image_builds_with_docker_when_its_daemon_answers_else_podman(tmp_path,
+                                                                           docker_answers, tool):
+    # A docker client that answers `docker info` as a daemon would, or as
+    # this machine's does without one.
+    (tmp_path / 'docker').write_text(f'#!/bin/sh\nexit {0 if docker_answers else 1}\n')
+    (tmp_path / 'docker').chmod(0o755)
+    planned = subprocess.run(['make', '-s', '-n', 'image'], cwd=HERE, capture_output=True,
+                             text=True, timeout=60,
+                             env={**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}'})
+    command = ' '.join(planned.stdout.replace('\\\n', ' ').split())
+    assert command.startswith(f'{tool} build '), command
+    assert ('--isolation chroot --format docker' in command) == (tool == 'podman'), command
+    assert command.endswith(' -t k8s-exporter:latest .'), command
+
+
+def test_image_is_configured_as_the_readme_says(image_config):
+    assert image_config['User'] == IMAGE_USER
+    assert image_config['WorkingDir'] == '/app'
+    assert set(image_config['ExposedPorts']) == {'9201/tcp'}
+    # make run's command; the worker's heartbeat file off the root filesystem.
+    assert image_config['Cmd'] == ['gunicorn', '-w', '1', '--threads', '8', '-b', '0.0.0.0:9201',
+                                   '--worker-tmp-dir', '/dev/shm', 'k8s_exporter:app']
+    assert image_config['Healthcheck'], 'no HEALTHCHECK: podman keeps it only with --format docker'
+    assert image_config['Healthcheck']['Test'][:2] == ['CMD', 'python3']
+    assert '/-/healthy' in image_config['Healthcheck']['Test'][-1]
+    # make image labels the build with the commit ('dev' outside a git checkout).
+    described = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=HERE,
+                               capture_output=True, text=True, timeout=30)
+    labels = image_config['Labels']
+    assert labels['org.opencontainers.image.version'] == (described.stdout.strip() or 'dev')
+    assert 'org.opencontainers.image.source' in labels
+
+
+def test_image_holds_python3_the_venv_and_the_exporter_and_nothing_to_build_with(image_root):
+    assert sorted(path.name for path in (image_root / 'app').iterdir()) == [
+        'gunicorn.conf.py', 'k8s_exporter.py', 'remote_pb2.py']
+    assert (image_root / 'app' / 'k8s_exporter.py').read_bytes() == \
+        (HERE / 'k8s_exporter.py').read_bytes()
+    site = next((image_root / 'opt' / 'k8s-exporter' / 'lib').glob('python3*')) / 'site-packages'
+    installed = {path.name.split('-')[0].lower() for path in site.glob('*.dist-info')}
+    wanted = {line.split('==')[0].lower().replace('-', '_') for line in
+              (HERE / 'requirements.txt').read_text().splitlines()
+              if line and not line.startswith('#')}
+    # The three, and cramjam, python-snappy's codec.
+    assert installed == wanted | {'cramjam'}
+    for absent in ('opt/k8s-exporter/bin/pip', 'usr/bin/pip3', 'usr/bin/gcc', 'usr/bin/cc',
+                   'usr/lib/python3.11/ensurepip', 'root/.cache/pip'):
+        assert not (image_root / absent).exists(), absent
+    assert not list((image_root / 'var' / 'lib' / 'apt' / 'lists').glob('*_Packages'))
+
+
+def test_image_serves_a_real_prometheus1_write_as_its_non_root_user_on_a_read_only_root(
+        built_image, image_config, image_root, tmp_path, prometheus_installed, capsys):
+    text = capture_text(SYNTHETIC_MODERN)
+    expected = e2e_expected_values(text, 'kubelet')
+    secrets = tmp_path / 'secrets'
+    secrets.mkdir()
+    (secrets / 'write-token').write_text('image-test-token\n')
+    with pytest.raises(OSError, match='Read-only file system'):
+        (image_root / 'app' / 'written').write_text('')
+    with contextlib.ExitStack() as stack:
+        exporter = ImageExporter(built_image, image_config, image_root, secrets, {
+            'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': '/run/write-token'})
+        stack.enter_context(exporter)
+        with capsys.disabled():
+            print(f'\n  image {built_image} run by {exporter.how}', flush=True)
+        # Master and worker, as the image's numeric user; by chroot, in the image's root.
+        served_by = wait_until(lambda: len(processes_serving(exporter.port)) == 2 and
+                               processes_serving(exporter.port), 20, 'gunicorn and its worker')
+        for uid, euid, root in served_by.values():
+            assert (uid, euid) == (10001, 10001)
+            assert root == str(image_root) or exporter.how == 'podman run'
+        endpoint = stack.enter_context(CadvisorEndpoint(text))
+        entry = remote_write_entry(exporter.url + '/write')
+        entry['authorization'] = {'credentials_file': str(secrets / 'write-token')}
+        prometheus1 = start_prometheus(stack, prometheus1_config(
+            {'kubelet': endpoint.address}, [entry], E2E_CLUSTER), 'prometheus1')
+        wait_in_pipeline(lambda: exporter_pod_values(exporter) == expected, 40,
+                         f'the image\'s exporter to hold {len(expected)} pod series',
+                         [prometheus1])
+        assert_remote_write_failed_nothing(prometheus1)
+        # The credential is a file mounted in: without it, writes are refused.
+        assert write(exporter.url, seed_table())[0] == 401
+        # The image's healthcheck, pointed at this test's port.
+        healthcheck = [word.replace('9201', str(exporter.port))
+                       for word in image_config['Healthcheck']['Test'][1:]]
+        checked = subprocess.run(['chroot', f'--userspec={IMAGE_USER}', str(image_root),
+                                  *healthcheck], capture_output=True, timeout=30)
+        assert checked.returncode == 0, checked.stderr
+    healthcheck_when_down = subprocess.run(['chroot', f'--userspec={IMAGE_USER}', str(image_root),
+                                            *healthcheck], capture_output=True, timeout=30)
+    assert healthcheck_when_down.returncode != 0
+
+
+# Kubernetes manifests.
+
+NPM_MODULES = VENV_BIN.parent / 'npm'
+SHARDS_SCRIPT = KUBERNETES_EXAMPLES / 'shards.py'
+OPERATOR_EXAMPLES = KUBERNETES_EXAMPLES / 'prometheus-operator'
+
+
+def yaml_documents(path):
+    return [document for document in yaml.safe_load_all(path.read_text(encoding='utf-8'))
+            if document is not None]
+
+
+def kubernetes_objects(path):
+    """{kind: object} of one manifest file."""
+    return {document['kind']: document for document in yaml_documents(path)}
+
+
+def render_shards(shards, out):
+    """Run shards.py as `make shards` does; {file name: Path} of what it wrote."""
+    made = subprocess.run([sys.executable, str(SHARDS_SCRIPT), str(shards), '--out', str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    return {Path(line).name: Path(line) for line in made.stdout.split()}
+
+
+def kubernetes_schema_errors(document):
+    """'' if document passes the Kubernetes API schema of its kind (strict: no
+    unknown fields), else the validator's message."""
+    try:
+        kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return str(error)
+    return ''
+
+
+def core_manifests(tmp_path):
+    paths = sorted(KUBERNETES_EXAMPLES.glob('*.yaml'))
+    return paths + [render_shards(3, tmp_path)['k8s-exporter-shards.yaml']]
+
+
+def test_kubernetes_manifests_pass_the_kubernetes_api_schemas(tmp_path):
+    checked = []
+    for path in core_manifests(tmp_path):
+        for document in yaml_documents(path):
+            assert kubernetes_schema_errors(document) == '', (path.name, document['kind'])
+            checked.append(document['kind'])
+    assert sorted(checked) == ['Deployment', 'NetworkPolicy', 'Secret', 'Service', 'Service',
+                               'StatefulSet']
+
+
+def test_kubernetes_schema_check_refuses_a_misspelt_field():
+    deployment = kubernetes_objects(KUBERNETES_EXAMPLES / 'deployment.yaml')['Deployment']
+    container = deployment['spec']['template']['spec']['containers'][0]
+    container['securityContext']['readOnlyRootFilesytem'] = True
+    assert 'readOnlyRootFilesytem' in kubernetes_schema_errors(deployment)
+
+
+def test_kubernetes_deployment_runs_one_locked_down_exporter_of_the_image():
+    deployment = kubernetes_objects(KUBERNETES_EXAMPLES / 'deployment.yaml')['Deployment']
+    assert 'namespace' not in deployment['metadata']
+    assert deployment['spec']['replicas'] == 1
+    assert deployment['spec']['strategy'] == {'type': 'Recreate'}
+    pod = deployment['spec']['template']['spec']
+    assert pod['securityContext']['runAsNonRoot'] is True
+    assert f'{pod["securityContext"]["runAsUser"]}:{pod["securityContext"]["runAsGroup"]}' == \
+        IMAGE_USER
+    (container,) = pod['containers']
+    assert container['securityContext'] == {
+        'allowPrivilegeEscalation': False, 'readOnlyRootFilesystem': True, 'privileged': False,
+        'capabilities': {'drop': ['ALL']}}
+    assert container['ports'] == [{'name': 'http', 'containerPort': 9201}]
+    probes = {probe: container[probe]['httpGet'] for probe in ('readinessProbe', 'livenessProbe')}
+    assert probes == {'readinessProbe': {'path': '/-/ready', 'port': 'http'},
+                      'livenessProbe': {'path': '/-/healthy', 'port': 'http'}}
+    for probe in probes.values():
+        assert call_wsgi(fresh_app(), 'GET', probe['path'])[0] == 200
+    # Sized from the bench: 64 MiB held 10,000 pods.
+    assert container['resources'] == {'requests': {'cpu': '100m', 'memory': '64Mi'},
+                                      'limits': {'cpu': '1', 'memory': '256Mi'}}
+    assert pod['volumes'] == [{'name': 'credentials', 'secret': {
+        'secretName': kubernetes_objects(KUBERNETES_EXAMPLES / 'secret.yaml')['Secret'][
+            'metadata']['name'], 'optional': True}}]
+    service = kubernetes_objects(KUBERNETES_EXAMPLES / 'service.yaml')['Service']
+    assert service['spec']['selector'] == deployment['spec']['selector']['matchLabels'] == \
+        deployment['spec']['template']['metadata']['labels']
+    assert service['spec']['ports'] == [{'name': 'http', 'port': 9201, 'targetPort': 'http'}]
+
+
+def test_kubernetes_network_policy_admits_only_the_two_prometheus_servers_on_9201():
+    policy = kubernetes_objects(KUBERNETES_EXAMPLES / 'networkpolicy.yaml')['NetworkPolicy']
+    assert policy['spec']['podSelector']['matchLabels'] == {'app.kubernetes.io/name':
+                                                            'k8s-exporter'}
+    assert policy['spec']['policyTypes'] == ['Ingress']
+    (rule,) = policy['spec']['ingress']
+    assert rule['ports'] == [{'port': 9201, 'protocol': 'TCP'}]
+    assert [peer['podSelector']['matchLabels'] for peer in rule['from']] == [
+        {'app.kubernetes.io/name': 'prometheus1'}, {'app.kubernetes.io/name': 'prometheus2'}]
+    text = (KUBERNETES_EXAMPLES / 'networkpolicy.yaml').read_text()
+    assert text.count('# ADAPT') == 4
+
+
+def test_shards_statefulset_runs_the_deployments_pod_on_a_headless_service(tmp_path):
+    deployment = kubernetes_objects(KUBERNETES_EXAMPLES / 'deployment.yaml')['Deployment']
+    shards = kubernetes_objects(render_shards(3, tmp_path)['k8s-exporter-shards.yaml'])
+    statefulset, service = shards['StatefulSet'], shards['Service']
+    # Everything but the commented-out credential variables, which YAML drops.
+    assert statefulset['spec']['template']['spec'] == deployment['spec']['template']['spec']
+    assert statefulset['spec']['replicas'] == 3
+    assert statefulset['spec']['serviceName'] == service['metadata']['name']
+    assert service['spec']['clusterIP'] == 'None'
+    assert service['spec']['selector'] == statefulset['spec']['selector']['matchLabels'] == \
+        statefulset['spec']['template']['metadata']['labels']
+    # Not the single exporter's pods: both may run while moving from one to the other.
+    assert service['spec']['selector'] != deployment['spec']['selector']['matchLabels']
+
+
+def test_shards_script_refuses_fewer_than_two(tmp_path):
+    made = subprocess.run([sys.executable, str(SHARDS_SCRIPT), '1', '--out', str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 2
+    assert 'shards: 2 or more' in made.stderr.splitlines()[-1]
+
+
+def shards_prometheus1_config(files, cadvisor_address, exporter_urls):
+    """The rendered remote_write entries in a prometheus1 config, each URL replaced by
+    a test exporter's and the queue made to ship within a second; nothing else changed."""
+    (remote_write_text,) = yaml_documents(files['prometheus1-remote-write.yaml'])
+    entries = remote_write_text['remote_write']
+    assert len(entries) == len(exporter_urls)
+    for entry, url in zip(entries, exporter_urls):
+        entry['url'] = url + '/write'
+        entry['queue_config'] = remote_write_entry(url)['queue_config']
+    return prometheus1_config({'kubelet': cadvisor_address}, entries, E2E_CLUSTER)
+
+
+def test_shards_remote_write_for_three_passes_promtool(tmp_path, prometheus_installed):
+    files = render_shards(3, tmp_path / 'shards')
+    for name in ('prometheus1-remote-write.yaml', 'prometheus2-scrape.yaml'):
+        path = tmp_path / name
+        path.write_text(json.dumps({'global': {'scrape_interval': '15s'},
+                                    **yaml_documents(files[name])[0]}))
+        status, output = promtool_check_config(path)
+        assert (status, 'SUCCESS' in output) == (0, True), output
+    (scrape,) = yaml_documents(files['prometheus2-scrape.yaml'])[0]['scrape_configs']
+    assert scrape['honor_labels'] is True
+    assert scrape['static_configs'][0]['targets'] == [
+        f'k8s-exporter-{shard}.k8s-exporter-shards.monitoring.svc:9201' for shard in range(3)]
+
+
+def test_shards_for_three_put_each_pod_on_exactly_one_of_three_exporters(tmp_path,
+                                                                          prometheus_installed):
+    files = render_shards(3, tmp_path)
+    text = capture_text(CAPTURE_EKS_1_21)
+    expected = e2e_expected_values(text, 'kubelet')
+    with contextlib.ExitStack() as stack:
+        endpoint = stack.enter_context(CadvisorEndpoint(text, stamp_now=True))
+        exporters = [stack.enter_context(Gunicorn()) for _ in range(3)]
+        prometheus1 = start_prometheus(stack, shards_prometheus1_config(
+            files, endpoint.address, [exporter.url for exporter in exporters]), 'prometheus1')
+        def together():
+            return functools.reduce(operator.or_, map(exporter_pod_values, exporters))
+
+        wait_in_pipeline(lambda: together() == expected, 40,
+                         'the three shards to hold every pod series together', [prometheus1])
+        held = [exporter_pod_values(exporter) for exporter in exporters]
+        assert all(held), [len(values) for values in held]
+        for one, other in ((0, 1), (0, 2), (1, 2)):
+            assert not pods_of(held[one]) & pods_of(held[other]), (one, other)
+        assert sum(map(len, held)) == len(expected)
+        for exporter in exporters:
+            assert_remote_write_failed_nothing(prometheus1, relabelled=True,
+                                               url=exporter.url + '/write')
+
+
+# prometheus-operator objects: against the CRD schemas that
+# @kubernetes-models/prometheus-operator ships (installed by make test with
+# npm), and for the fields that matter.
+
+OPERATOR_VALIDATOR = '''
+import * as models from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1';
+import { readFileSync } from 'node:fs';
+for (const object of JSON.parse(readFileSync(0, 'utf8'))) {
+  try {
+    new models[object.kind](object).validate();
+    console.log('valid');
+  } catch (error) {
+    console.log(error.message.split('\\n')[0]);
+  }
+}
+'''
+
+
+def operator_schema_verdicts(objects):
+    """'valid' or the first line of the schema error, for each object."""
+    if not (NPM_MODULES / 'node_modules' / '@kubernetes-models' / 'prometheus-operator').is_dir():
+        pytest.skip(f'@kubernetes-models/prometheus-operator not in {NPM_MODULES} (make test '
+                    'installs it with npm)')
+    checked = subprocess.run(['node', '--input-type=module', '-e', OPERATOR_VALIDATOR],
+                             input=json.dumps(objects), cwd=NPM_MODULES, capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    return checked.stdout.splitlines()
+
+
+def operator_objects():
+    return [document for path in sorted(OPERATOR_EXAMPLES.glob('*.yaml'))
+            for document in yaml_documents(path)]
+
+
+def test_prometheus_operator_objects_pass_their_crd_schemas():
+    objects = operator_objects()
+    assert sorted(document['kind'] for document in objects) == ['Prometheus', 'ServiceMonitor']
+    assert operator_schema_verdicts(objects) == ['valid', 'valid']
+    broken = [document for document in objects if document['kind'] == 'ServiceMonitor']
+    broken[0]['spec']['endpoints'][0]['honorLabels'] = 'yes'
+    assert operator_schema_verdicts(broken) == [
+        'data/spec/endpoints/0/honorLabels must be boolean']
+
+
+def test_prometheus_operator_objects_keep_labels_and_write_to_the_service():
+    objects = {document['kind']: document for document in operator_objects()}
+    service = kubernetes_objects(KUBERNETES_EXAMPLES / 'service.yaml')['Service']
+    monitor = objects['ServiceMonitor']['spec']
+    assert monitor['endpoints'] == [{'port': 'http', 'path': '/metrics', 'interval': '15s',
+                                     'honorLabels': True}]
+    assert monitor['selector']['matchLabels'].items() <= service['metadata']['labels'].items()
+    (remote_write,) = objects['Prometheus']['spec']['remoteWrite']
+    assert remote_write['url'] == f'http://{service["metadata"]["name"]}.monitoring.svc:9201/write'
+    (keep,) = remote_write['writeRelabelConfigs']
+    assert keep['action'] == 'keep' and keep['sourceLabels'] == ['__name__']
+    names = set(EXPORTED_METRICS) | {'container_cpu_load_d_average_10s',
+                                     'container_memory_working_set_bytes'}
+    assert {name for name in names if re.fullmatch(keep['regex'], name)} == set(EXPORTED_METRICS)
+
+
+# docker compose: the seed's pipeline on one docker host.
+
+COMPOSE_FILE = EXAMPLES / 'docker-compose.yml'
+
+
+def check_compose_schema(path):
+    checked = subprocess.run([str(VENV_BIN / 'check-jsonschema'), '--builtin-schema',
+                              'vendor.compose-spec', str(path)],
+                             capture_output=True, text=True, timeout=120)
+    return checked.returncode, checked.stdout + checked.stderr
+
+
+def test_compose_file_passes_the_compose_specification_schema(tmp_path):
+    if not (VENV_BIN / 'check-jsonschema').exists():
+        pytest.skip('check-jsonschema (requirements-dev.txt) is not installed')
+    assert check_compose_schema(COMPOSE_FILE) == (0, 'ok -- validation done\n')
+    misspelt = tmp_path / 'docker-compose.yml'
+    misspelt.write_text(COMPOSE_FILE.read_text().replace('    read_only: true\n',
+                                                         '    readonly: true\n', 1))
+    status, output = check_compose_schema(misspelt)
+    assert status == 1 and "'readonly' was unexpected" in output, output
+
+
+def test_compose_prometheus_configs_pass_promtool_check_config(prometheus_installed):
+    mounted = [volume.split(':')[0] for service in
+               yaml_documents(COMPOSE_FILE)[0]['services'].values()
+               for volume in service.get('volumes', []) if volume.endswith('prometheus.yml:ro')]
+    assert mounted == ['./docker-prometheus1.yml', './docker-prometheus2.yml']
+    for name in mounted:
+        status, output = promtool_check_config(EXAMPLES / name)
+        assert (status, 'SUCCESS' in output) == (0, True), output
+
+
+def test_compose_capture_is_the_standalone_capture_of_the_fixtures():
+    assert (EXAMPLES / 'cadvisor-standalone.txt').read_bytes() == \
+        capture_path('synthetic-cadvisor-standalone').read_bytes()
+
+
+def compose_service_config(compose, service):
+    """A Prometheus config that compose mounts into service, as a dict."""
+    (volume,) = [volume for volume in compose['services'][service]['volumes']
+                 if volume.endswith(':/etc/prometheus/prometheus.yml:ro')]
+    (config,) = yaml_documents(EXAMPLES / volume.split(':')[0])
+    return config
+
+
+def on_loopback(config, addresses):
+    """config with every scrape target and write URL moved from its compose service
+    (host:port) to a loopback address, and 1 s intervals; nothing else changed."""
+    text = json.dumps(config)
+    for service_address, address in addresses.items():
+        text = text.replace(service_address, address)
+    config = json.loads(text)
+    config['global']['scrape_interval'] = config['global']['evaluation_interval'] = '1s'
+    for job in config['scrape_configs']:
+        job['scrape_timeout'] = '1s'
+    for entry in config.get('remote_write', []):
+        entry['queue_config'] = remote_write_entry(entry['url'])['queue_config']
+    return config
+
+
+def test_compose_pipeline_on_loopback_shows_the_captures_pods_and_no_plain_containers(
+        prometheus_installed):
+    """The compose file's services, each run here as compose runs it but on 127.0.0.1:
+    the capture service's command, the exporter, prometheus1 and prometheus2 with the
+    mounted configs. cAdvisor is a page of plain docker containers, as on a host
+    without Kubernetes."""
+    compose = yaml_documents(COMPOSE_FILE)[0]
+    command = compose['services']['capture']['command']
+    assert command[:2] == ['python3', 'demo_k8s_exporter.py']
+    capture_file = EXAMPLES / 'cadvisor-standalone.txt'
+    plain_containers = ''.join(line + '\n' for line in capture_text(
+        'synthetic-cadvisor-standalone').splitlines()
+        if 'container_label_io_kubernetes' not in line)
+    cluster = compose_service_config(compose, 'prometheus1')['global']['external_labels'][
+        'cluster']
+    capture_port = free_port()
+    arguments = [argument.replace('0.0.0.0:8081', f'127.0.0.1:{capture_port}').replace(
+                 '/capture/cadvisor-standalone.txt', str(capture_file)) for argument in command[2:]]
+    with contextlib.ExitStack() as stack:
+        capture = subprocess.Popen([sys.executable, str(HERE / command[1]), *arguments],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE)
+        stack.callback(lambda: (capture.terminate(), capture.communicate(timeout=30)))
+        wait_until(lambda: http_request(
+            f'http://127.0.0.1:{capture_port}/metrics/cadvisor', timeout=1)[0] == 200, 20,
+            'the capture service')
+        cadvisor = CadvisorEndpoint(plain_containers)
+        cadvisor.path = '/metrics'   # a standalone cAdvisor's, prometheus1's default
+        stack.enter_context(cadvisor)
+        exporter = Gunicorn(env={'K8S_EXPORTER_CLUSTER': 'docker-host'}).start()
+        stack.callback(exporter.stop)
+        addresses = {'capture:8081': f'127.0.0.1:{capture_port}',
+                     'cadvisor:8080': cadvisor.address,
+                     'exporter:9201': f'127.0.0.1:{exporter.port}'}
+        prometheus1 = start_prometheus(stack, on_loopback(
+            compose_service_config(compose, 'prometheus1'), addresses), 'prometheus1')
+        prometheus2 = start_prometheus(stack, on_loopback(
+            compose_service_config(compose, 'prometheus2'), addresses), 'prometheus2')
+        expected = expected_capture_values(read_samples(capture_file.read_text()),
+                                           'cadvisor-capture', cluster)
+        wait_in_pipeline(lambda: exporter_pod_values(exporter) == expected and
+                         prometheus2_pod_values(prometheus2, {addresses['exporter:9201']}) ==
+                         expected, 40, 'the capture\'s pods in the exporter and prometheus2',
+                         [prometheus1, prometheus2])
+        # cAdvisor's plain containers were scraped and written too, and show as no pod.
+        assert cadvisor.requests and prometheus1.query('up{job="cadvisor"} == 1')
+        assert exporter_pod_values(exporter) == expected
+        assert_remote_write_failed_nothing(prometheus1, relabelled=True)
+        capture.terminate()
+        assert capture.wait(30) == 0   # SIGTERM ends it cleanly, as `docker compose down` does
 
 
 ###############################################################################
