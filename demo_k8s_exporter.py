@@ -13,10 +13,12 @@ would, starts Debian's prometheus twice and the exporter under gunicorn, all
 on free loopback ports, waits until the pods reach prometheus2 and prints the
 URLs to open. Ctrl-C (or SIGTERM) stops everything it started.
 
-CadvisorEndpoint, Prometheus, the config builders, wait_for and free_port
-are also the harness of the end-to-end tests in test_k8s_exporter.py. This
-file needs only the standard library, plus gunicorn for ExporterProcess, so
-`make demo` runs without the test dependencies.
+This file is also the harness of test_k8s_exporter.py and
+bench_k8s_exporter.py: ExporterProcess, the one launcher of the exporter
+under gunicorn; CadvisorEndpoint; Prometheus and its config builders; the
+process and HTTP helpers. It needs what the exporter needs (requirements.txt:
+gunicorn, protobuf, python-snappy), not the test dependencies: it imports
+k8s_exporter, which only defines things on import.
 """
 
 import argparse
@@ -27,6 +29,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -72,10 +75,15 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def http_get(url, timeout=5):
-    """(status, body bytes) of one GET."""
+def http_get(url, timeout=5, ca_file=None):
+    """(status, body bytes) of one GET; an https url is checked against ca_file."""
     parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    if parts.scheme == 'https':
+        connection = http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=timeout,
+            context=ssl.create_default_context(cafile=ca_file))
+    else:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         connection.request('GET', parts.path + ('?' + parts.query if parts.query else ''))
         response = connection.getresponse()
@@ -100,15 +108,24 @@ def wait_for(predicate, timeout, what, interval=0.2):
     raise StartupError(f'timed out after {timeout} s waiting for {what}; last: {last!r}'[:2000])
 
 
-def stop_process(process, timeout=20):
-    """SIGTERM, then SIGKILL after timeout; always reaps the child."""
+def stop_process(process, timeout=20, sig=signal.SIGTERM):
+    """sig (SIGTERM), then SIGKILL after timeout; always reaps the child."""
     if process.poll() is None:
-        process.terminate()
+        process.send_signal(sig)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             process.kill()
     process.wait()
+
+
+def process_children(pid):
+    """The pids of a process's children; [] once it has gone."""
+    try:
+        with open(f'/proc/{pid}/task/{pid}/children') as children:
+            return [int(child) for child in children.read().split()]
+    except FileNotFoundError:
+        return []
 
 
 ###############################################################################
@@ -274,10 +291,12 @@ class Prometheus(StartStop):
     needed. The log is kept in self.log after stop(), to print on failure.
     """
 
-    def __init__(self, config, name='prometheus', binary=PROMETHEUS_BINARY, ready_timeout=30):
+    def __init__(self, config, name='prometheus', binary=PROMETHEUS_BINARY, ready_timeout=30,
+                 extra_args=()):
         self.config = config
         self.name = name
         self.binary = binary
+        self.extra_args = list(extra_args)
         self.ready_timeout = ready_timeout
         self.port = None
         self.process = None
@@ -293,6 +312,10 @@ class Prometheus(StartStop):
     def url(self):
         return f'http://{self.address}'
 
+    @property
+    def pid(self):
+        return self.process.pid
+
     def start(self):
         self._dir = tempfile.mkdtemp(prefix=f'k8s-exporter-{self.name}-')
         config_path = os.path.join(self._dir, 'prometheus.yml')
@@ -303,7 +326,8 @@ class Prometheus(StartStop):
         self.process = subprocess.Popen(
             [self.binary, f'--config.file={config_path}',
              f'--storage.tsdb.path={os.path.join(self._dir, "data")}',
-             f'--web.listen-address={self.address}', '--web.enable-lifecycle'],
+             f'--web.listen-address={self.address}', '--web.enable-lifecycle',
+             *self.extra_args],
             stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: self.process.poll() is not None or
@@ -370,43 +394,78 @@ class Prometheus(StartStop):
 ###############################################################################
 
 class ExporterProcess(StartStop):
-    """k8s_exporter under gunicorn from this Python's bin folder, as `make run` starts it.
+    """k8s_exporter under gunicorn on 127.0.0.1, started as `make run` starts it.
 
-    From this folder, so gunicorn reads gunicorn.conf.py: its receive timeout,
-    and no control socket (one path per user, which a second exporter would
-    take over).
+    gunicorn runs in this folder, so it reads gunicorn.conf.py, the one
+    source of the serving settings (workers, threads, timeouts, the hooks
+    that check the environment, tune malloc and set the receive timeout);
+    only the address is given here, plus gunicorn_args. tls: (certificate,
+    key, CA) files to serve HTTPS with gunicorn's own TLS. The output of
+    gunicorn and the exporter is kept in self.log after stop().
     """
 
-    def __init__(self, env=None, port=None):
+    name = 'k8s_exporter'
+
+    def __init__(self, env=None, port=None, tls=None, gunicorn_args=(), start_timeout=30):
         self.port = port or free_port()
         self.env = {**os.environ, **(env or {})}
+        self.gunicorn_args = list(gunicorn_args)
+        if tls:
+            self.gunicorn_args += ['--certfile', str(tls[0]), '--keyfile', str(tls[1])]
+        self.ca_file = str(tls[2]) if tls else None
+        self.url = f'{"https" if tls else "http"}://127.0.0.1:{self.port}'
+        self.start_timeout = start_timeout
         self.process = None
+        self.pid = None
+        self.log = ''
+        self._log_file = None
 
-    @property
-    def url(self):
-        return f'http://127.0.0.1:{self.port}'
+    def command(self):
+        return [sys.executable, '-m', 'gunicorn', '-b', f'127.0.0.1:{self.port}',
+                *self.gunicorn_args, 'k8s_exporter:app']
 
     def start(self):
-        gunicorn = Path(sys.executable).parent / 'gunicorn'
-        self.process = subprocess.Popen(
-            [str(gunicorn), '-w', '1', '--threads', '8', '-b', f'127.0.0.1:{self.port}',
-             'k8s_exporter:app'],
-            cwd=HERE, env=self.env, stdin=subprocess.DEVNULL)
+        self._log_file = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.command(), cwd=HERE, env=self.env,
+                                        stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                        stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: self.process.poll() is not None or
-                     http_get(self.url + '/-/healthy', timeout=1)[0] == 200,
-                     20, 'the exporter to answer /-/healthy')
+            wait_for(lambda: self.process.poll() is not None or http_get(
+                         self.url + '/-/healthy', timeout=1, ca_file=self.ca_file)[0] == 200,
+                     self.start_timeout, 'the exporter to answer /-/healthy')
             if self.process.poll() is not None:
                 raise StartupError(f'gunicorn exited with {self.process.returncode}')
-        except BaseException:
+            # The one worker: the process that serves, whose CPU and memory count.
+            self.pid, = wait_for(lambda: process_children(self.process.pid), 10,
+                                 'the gunicorn worker')
+        except BaseException as error:
             self.stop()
+            if isinstance(error, StartupError):
+                raise StartupError(f'{error}\n--- gunicorn log ---\n{self.log}') from None
             raise
         return self
 
-    def stop(self):
+    def stop(self, sig=signal.SIGTERM):
+        """Stop gunicorn with sig (SIGTERM: in-flight requests finish, then it exits)."""
         if self.process is not None:
-            stop_process(self.process, timeout=30)
+            stop_process(self.process, timeout=40, sig=sig)
             self.process = None
+        if self._log_file is not None:
+            self.log = self.log_text()
+            self._log_file.close()
+            self._log_file = None
+
+    def log_text(self):
+        """gunicorn's output so far; pread leaves the offset gunicorn writes at alone."""
+        descriptor = self._log_file.fileno()
+        return os.pread(descriptor, os.fstat(descriptor).st_size, 0).decode(errors='replace')
+
+    def metrics(self):
+        """The text of /metrics."""
+        status, body = http_get(self.url + '/metrics', timeout=30, ca_file=self.ca_file)
+        if status != 200:
+            raise ValueError(f'{self.url}/metrics: {status} {body[:200]!r}')
+        return body.decode()
 
 
 ###############################################################################

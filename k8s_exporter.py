@@ -1082,11 +1082,28 @@ _CLOCK_TICKS = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
 _PAGE_SIZE = os.sysconf('SC_PAGE_SIZE') if hasattr(os, 'sysconf') else 4096
 
 
+class ProcessStat(NamedTuple):
+    state: str              # R, S, ..., Z for a zombie
+    cpu_seconds: float      # user and system
+    start_seconds: float    # since boot
+    virtual_bytes: int
+    resident_bytes: int
+
+
+def read_process_stat(pid='self'):
+    """What /proc/PID/stat says of a process; OSError once it has gone."""
+    with open(f'/proc/{pid}/stat', 'rb') as stat_file:
+        stat = stat_file.read().rpartition(b')')[2].split()
+    # Fields after the command name, 0-based: state 0, utime 11, stime 12,
+    # starttime 19, vsize 20, rss 21 (proc(5), minus the two leading fields).
+    return ProcessStat(stat[0].decode(), (int(stat[11]) + int(stat[12])) / _CLOCK_TICKS,
+                       int(stat[19]) / _CLOCK_TICKS, int(stat[20]), int(stat[21]) * _PAGE_SIZE)
+
+
 def read_process_metrics():
     """process_* metrics as the Go and Python clients name them; [] off Linux."""
     try:
-        with open('/proc/self/stat', 'rb') as stat_file:
-            stat = stat_file.read().rpartition(b')')[2].split()
+        stat = read_process_stat()
         with open('/proc/stat', 'rb') as boot_file:
             boot_time = next(float(line.split()[1]) for line in boot_file
                              if line.startswith(b'btime'))
@@ -1095,19 +1112,18 @@ def read_process_metrics():
         return []
     import resource
     max_fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    # Fields after the command name, 0-based: utime 11, stime 12, starttime 19,
-    # vsize 20, rss 21 (proc(5), minus the two leading fields).
     return [
         ('process_cpu_seconds_total', 'counter', 'Total user and system CPU time spent in seconds.',
-         (int(stat[11]) + int(stat[12])) / _CLOCK_TICKS),
+         stat.cpu_seconds),
         ('process_max_fds', 'gauge', 'Maximum number of open file descriptors.', max_fds),
         ('process_open_fds', 'gauge', 'Number of open file descriptors.', open_fds),
         ('process_resident_memory_bytes', 'gauge', 'Resident memory size in bytes.',
-         int(stat[21]) * _PAGE_SIZE),
+         stat.resident_bytes),
         ('process_start_time_seconds', 'gauge',
          'Start time of the process since unix epoch in seconds.',
-         boot_time + int(stat[19]) / _CLOCK_TICKS),
-        ('process_virtual_memory_bytes', 'gauge', 'Virtual memory size in bytes.', int(stat[20])),
+         boot_time + stat.start_seconds),
+        ('process_virtual_memory_bytes', 'gauge', 'Virtual memory size in bytes.',
+         stat.virtual_bytes),
     ]
 
 
@@ -1357,6 +1373,33 @@ def load_config():
 
 EXIT_CONFIG_ERROR = 4   # gunicorn's "app failed to load": its master stops, not respawns
 
+
+def load_config_or_exit():
+    """load_config(), or its one-line reason on stderr and exit 4.
+
+    gunicorn.conf.py's on_starting calls it in gunicorn's master, before
+    any worker is forked; python3 k8s_exporter.py calls it first thing.
+    """
+    try:
+        return load_config()
+    except ConfigError as error:
+        print(f'k8s_exporter: {error}', file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+def __getattr__(name):
+    """`k8s_exporter:app`: the Exporter, made from the environment when first asked for.
+
+    Importing the module only defines things; gunicorn's worker asks for
+    `app` once, after its post_fork hook has tuned malloc.
+    """
+    if name != 'app':
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    global app
+    app = Exporter(load_config_or_exit())
+    return app
+
+
 # glibc's malloc gives every thread that allocates an arena of its own, and
 # hands freed memory back to the kernel once 128 KiB lie free at the top of
 # one. gunicorn's eight threads take turns decoding bodies of a megabyte and
@@ -1372,8 +1415,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 def tune_malloc():
     """Set glibc's malloc up for the worker; return False where there is no glibc.
 
-    Runs at import, before gunicorn's threads allocate: an arena, once a
-    thread has one, stays its own.
+    Call it in the process's main thread before any other thread allocates
+    (gunicorn.conf.py's post_fork): an arena, once a thread has one, stays
+    its own.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -1386,15 +1430,6 @@ def tune_malloc():
         (_M_ARENA_MAX, MALLOC_ARENAS),
         (_M_MMAP_THRESHOLD, MALLOC_KEEP_FREE_BYTES),
         (_M_TRIM_THRESHOLD, MALLOC_KEEP_FREE_BYTES)))
-
-
-tune_malloc()
-
-try:
-    app = Exporter(load_config())
-except ConfigError as error:
-    print(f'k8s_exporter: {error}', file=sys.stderr)
-    sys.exit(EXIT_CONFIG_ERROR)
 
 
 ###############################################################################
@@ -1414,39 +1449,35 @@ def set_receive_timeout(sockets, seconds=RECEIVE_TIMEOUT_SECONDS):
         listening_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
 
+GUNICORN_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gunicorn.conf.py')
+
+
 def main():
-    """Serve like `make run`: gunicorn, one worker, eight threads."""
-    config = app.config
+    """Serve like `make run`: gunicorn with gunicorn.conf.py, on K8S_EXPORTER_LISTEN."""
+    config = load_config_or_exit()
     try:
-        from gunicorn.app.base import BaseApplication
+        from gunicorn.app.wsgiapp import run as run_gunicorn
     except ImportError:
-        BaseApplication = None
-    if BaseApplication is None:
-        from socketserver import ThreadingMixIn
-        from wsgiref.simple_server import WSGIServer, make_server
-
-        class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-            daemon_threads = True
-
-        host, _, port = config.listen.rpartition(':')
-        print(f'k8s_exporter: gunicorn not installed, serving with wsgiref on {config.listen}',
-              file=sys.stderr)
-        make_server(host.strip('[]'), int(port), app, ThreadingWSGIServer).serve_forever()
+        run_gunicorn = None
+    if run_gunicorn and os.path.exists(GUNICORN_CONF):
+        # The command line gunicorn would get: the settings are the file's.
+        sys.argv = ['gunicorn', '--config', GUNICORN_CONF, '--bind', config.listen,
+                    'k8s_exporter:app']
+        run_gunicorn()
         return
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer, make_server
 
-    class ExporterServer(BaseApplication):
-        def load_config(self):
-            for key, value in (('bind', config.listen), ('workers', 1), ('threads', 8),
-                               ('timeout', 60), ('graceful_timeout', 30), ('keepalive', 75),
-                               ('control_socket_disable', True),
-                               ('when_ready', lambda server: set_receive_timeout(
-                                   listener.sock for listener in server.LISTENERS))):
-                self.cfg.set(key, value)
+    class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
 
-        def load(self):
-            return app
-
-    ExporterServer().run()
+    missing = 'gunicorn not installed' if run_gunicorn is None else f'no {GUNICORN_CONF}'
+    print(f'k8s_exporter: {missing}, serving with wsgiref on {config.listen}',
+          file=sys.stderr)
+    tune_malloc()
+    host, _, port = config.listen.rpartition(':')
+    make_server(host.strip('[]'), int(port), Exporter(config),
+                ThreadingWSGIServer).serve_forever()
 
 
 if __name__ == '__main__':
