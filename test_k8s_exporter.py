@@ -754,7 +754,7 @@ def expected_pod_values(tables):
     ('/kubepods/burstable/podzz', False),
     ('pod12\n', False),
     ('/', False),
-])
+], ids=['cgroupfs-burstable-pod', 'cgroupfs-guaranteed-pod', 'systemd-burstable-pod', 'systemd-guaranteed-pod', 'cgroupfs-container', 'systemd-docker-scope', 'qos-class', 'kubepods-slice', 'podman-service', 'xpod-prefix', 'non-hex-uid', 'trailing-newline', 'root'])
 def test_model_pod_cgroup_test_agrees_with_the_readme_regex_and_the_exporter(cgroup, pod_level):
     segment = cgroup.rpartition('/')[2]
     assert is_pod_cgroup_id(cgroup) is pod_level
@@ -889,7 +889,7 @@ def test_config_reads_every_variable():
                                                  "not a valid metric name"),
     ('K8S_EXPORTER_METRICS', ',', "K8S_EXPORTER_METRICS=',': names no metric"),
     ('K8S_EXPORTER_LISTEN', '9201', "K8S_EXPORTER_LISTEN='9201': expected HOST:PORT"),
-])
+], ids=['ttl-not-a-number', 'ttl-zero', 'ttl-nan', 'max-body-not-an-integer', 'max-series-negative', 'cluster-blank', 'metrics-bad-name', 'metrics-none', 'listen-without-host'])
 def test_config_rejects_a_bad_value_naming_the_variable(name, value, message):
     with pytest.raises(ConfigError) as raised:
         Config.from_environ({name: value})
@@ -924,7 +924,7 @@ def test_metrics_variable_replaces_the_five_and_unknown_names_get_a_generic_help
     ('application/x-protobuf;proto=prometheus.WriteRequest', '', PROTO_RW1),
     ('application/x-protobuf; proto=io.prometheus.write.v2.Request', 'snappy', PROTO_RW2),
     ('Application/X-Protobuf;proto="io.prometheus.write.v2.Request"', 'SNAPPY', PROTO_RW2),
-])
+], ids=['no-headers', 'protobuf-snappy', 'rw1-proto', 'rw2-proto', 'rw2-quoted-mixed-case'])
 def test_protocol_is_negotiated_from_content_type_like_prometheus(content_type, encoding,
                                                                   protocol):
     assert negotiate_protocol(content_type, encoding) == protocol
@@ -938,7 +938,7 @@ def test_protocol_is_negotiated_from_content_type_like_prometheus(content_type, 
      "or io.prometheus.write.v2.Request"),
     ('application/x-protobuf', 'gzip', "unsupported Content-Encoding 'gzip'; expected snappy"),
     ('application/x-protobuf', 'zstd', "unsupported Content-Encoding 'zstd'; expected snappy"),
-])
+], ids=['json', 'rw3-proto', 'gzip', 'zstd'])
 def test_unsupported_content_type_proto_or_encoding_is_415(content_type, encoding, reason):
     with pytest.raises(RequestError) as raised:
         negotiate_protocol(content_type, encoding)
@@ -1063,7 +1063,7 @@ def test_rw2_without_a___name___symbol_rejects_every_series():
     ({'namespace': 'ns', 'pod': 'p', 'id': '/kubepods/besteffort/podab/0f0f', 'image': 'pause'},
      PodKey('k8s-cluster', '', 'ns', 'p'),
      SeriesKey(False, '', '/kubepods/besteffort/podab/0f0f', 'pause', '')),
-])
+], ids=['kubelet-pod-cgroup', 'kubelet-container', 'kubelet-legacy', 'standalone-cadvisor', 'systemd-pod-slice', 'containerd-pause'])
 def test_pod_identity_in_each_label_convention(labels, pod, series):
     assert pod_series_identity(labels, 'k8s-cluster') == (pod, series)
 
@@ -1074,7 +1074,7 @@ def test_pod_identity_in_each_label_convention(labels, pod, series):
     {'namespace': '', 'pod_name': '', 'container_name': '', 'id': '/kubepods/burstable/podab'},
     {'name': 'some-docker-container', 'id': '/docker/0f', 'image': 'redis'},
     {'namespace': 'ns', 'pod': ''},
-])
+], ids=['root-cgroup', 'system-service', 'empty-legacy-labels', 'plain-docker', 'empty-pod'])
 def test_series_without_pod_identity_are_not_exported(labels):
     assert pod_series_identity(labels, 'k8s-cluster') is None
 
@@ -1135,7 +1135,7 @@ def test_aggregation_rule_per_metric_name():
      1.7976931348623157e308),
     ([-1.7976931348623157e308, -1e308], -math.inf), ([math.inf, 1.0], math.inf),
     ([math.inf, -math.inf], math.nan), ([math.nan, 1.0], math.nan), ([], 0.0),
-])
+], ids=['plain', 'correctly-rounded', 'overflow-to-inf', 'overflow-and-back', 'overflow-to-minus-inf', 'inf-plus-one', 'inf-minus-inf', 'nan', 'empty'])
 def test_sums_are_correctly_rounded_and_end_as_ieee_addition_would(values, total):
     # Senders may write any float: a sum never raises, it ends as IEEE
     # addition would (and the model agrees).
@@ -1552,7 +1552,7 @@ SYSTEMD_UID = r'[0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12}'
     (CAPTURE_MINIKUBE_1_35, rf'/kubepods/besteffort/pod{UID}/[0-9a-f]{{64}}', '', False),
     (CAPTURE_MINIKUBE_1_35, rf'/kubepods/pod{UID}', '', True),
     (CAPTURE_LEGACY_GKE, rf'/kubepods/burstable/pod{UID}/[0-9a-f]{{64}}', 'POD', False),
-])
+], ids=['eks-burstable-pod', 'eks-besteffort-pod', 'eks-pause', 'eks-container', 'minikube-systemd-burstable-pod', 'minikube-systemd-guaranteed-pod', 'minikube-systemd-pause', 'kind-pod', 'kind-containerd-pause', 'minikube-1.35-containerd-pause', 'minikube-1.35-pod', 'gke-legacy-pause'])
 def test_pod_series_identity_tells_pod_cgroups_by_real_ids(capture, cgroup_pattern, container,
                                                            pod_level):
     matches_id = _id_matches(cgroup_pattern)
@@ -2019,13 +2019,13 @@ def test_empty_write_request_is_accepted():
     (snappy.compress(b'\x0a\x02\x0a\x00\x0a\x02'), {'Content-Type': RW2_TYPE},
      (400, 'corrupt protobuf: Error parsing message')),
     (b'', {}, (400, 'empty body')),
-])
+], ids=['text/plain', 'gzip', 'not-snappy', 'not-protobuf', 'rw2-truncated-series', 'empty'])
 def test_bad_bodies_get_a_4xx_with_a_one_line_reason(body, headers, expected):
     status, reason = rejection(fresh_app(), body, headers)
     assert (status, reason[:len(expected[1])]) == expected
 
 
-@pytest.mark.parametrize('build, content_type', [(rw1_body, RW1_TYPE), (rw2_body, RW2_TYPE)])
+@pytest.mark.parametrize('build, content_type', [(rw1_body, RW1_TYPE), (rw2_body, RW2_TYPE)], ids=['rw1', 'rw2'])
 def test_invalid_utf8_in_an_exported_series_is_corrupt_protobuf(build, content_type):
     payload = build([(cadvisor(MEMORY, 'ns', 'pod-xxxx'), [(1, 1)])], compress=False)
     raw = payload.replace(b'pod-xxxx', b'pod-\xff\xfe\xfd\xfc')
@@ -2064,7 +2064,7 @@ def test_dropped_series_are_read_only_as_far_as_their_name():
     (1, ({'pod': 'p'}, [(1, 1)]), 'series with no __name__ label'),
     (2, ({}, [(1, 1)]), 'series with no labels'),
     (2, ({'pod': 'p'}, [(1, 1)]), 'series with no __name__ label'),
-])
+], ids=['rw1-no-labels', 'rw1-no-name', 'rw2-no-labels', 'rw2-no-name'])
 def test_bad_series_are_400_and_the_good_ones_of_the_request_still_apply(protocol, bad_series,
                                                                           reason):
     app = fresh_app()
@@ -2081,7 +2081,7 @@ def test_bad_series_are_400_and_the_good_ones_of_the_request_still_apply(protoco
     ([1, 2, 3], 'series with an odd number of label refs'),
     ([1, 2, 3, 9], 'label ref out of range of 8 symbols'),
     ([1, 99], 'label ref out of range of 8 symbols'),
-])
+], ids=['odd-count', 'one-out-of-range', 'value-out-of-range'])
 def test_rw2_bad_label_refs_are_400(refs, reason):
     symbols = ['', '__name__', MEMORY, 'namespace', 'ns', 'pod', 'p', 'job']
     app = fresh_app()
@@ -2185,14 +2185,14 @@ def secured_app(tmp_path):
 
 
 @pytest.mark.parametrize('authorization', [
-    'Bearer s3cret-write', 'bearer s3cret-write', basic('prometheus1:pw1'), basic('backup:pw2')])
+    'Bearer s3cret-write', 'bearer s3cret-write', basic('prometheus1:pw1'), basic('backup:pw2')], ids=['bearer', 'bearer-lower-case', 'basic-first-user', 'basic-second-user'])
 def test_write_accepts_the_configured_bearer_token_or_basic_auth(secured_app, authorization):
     assert post(secured_app, seed_table(), Authorization=authorization)[0] == 204
 
 
 @pytest.mark.parametrize('authorization', [
     None, 'Bearer wrong', 'Bearer s3cret-read', basic('prometheus1:pw2'), basic('nobody:pw1'),
-    'Basic !!notbase64', 'Digest s3cret-write', 'Bearer', ''])
+    'Basic !!notbase64', 'Digest s3cret-write', 'Bearer', ''], ids=['no-header', 'wrong-token', 'the-metrics-token', 'wrong-password', 'unknown-user', 'bad-base64', 'digest', 'bearer-without-token', 'empty-header'])
 def test_write_with_missing_or_wrong_credentials_is_401_with_a_challenge(secured_app,
                                                                         authorization):
     headers = {'Authorization': authorization} if authorization is not None else {}
@@ -2235,7 +2235,7 @@ def test_credentials_never_appear_in_the_config_repr(secured_app):
     (None, "K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE='{path}': cannot read: "
            "No such file or directory"),
     ('\n\n', "K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE='{path}': file is empty"),
-])
+], ids=['missing-file', 'blank-lines'])
 def test_unreadable_or_empty_secret_file_stops_start_up(tmp_path, content, message):
     path = tmp_path / 'token'
     if content is not None:
