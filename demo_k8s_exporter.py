@@ -158,6 +158,7 @@ class CadvisorEndpoint(StartStop):
     no stale markers (the exporter's TTL is what forgets a vanished pod).
     """
 
+    name = 'the cAdvisor endpoint'
     path = '/metrics/cadvisor'
 
     def __init__(self, text='', stamp_now=False):
@@ -328,7 +329,8 @@ class Prometheus(StartStop):
              f'--storage.tsdb.path={os.path.join(self._dir, "data")}',
              f'--web.listen-address={self.address}', '--web.enable-lifecycle',
              *self.extra_args],
-            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT)
+            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True)   # a Ctrl-C reaches the harness, which stops it in order
         try:
             wait_for(lambda: self.process.poll() is not None or
                      http_get(self.url + '/-/ready', timeout=1)[0] == 200,
@@ -426,9 +428,10 @@ class ExporterProcess(StartStop):
 
     def start(self):
         self._log_file = tempfile.TemporaryFile()
+        # In a session of its own, as Prometheus: a Ctrl-C reaches only the harness.
         self.process = subprocess.Popen(self.command(), cwd=HERE, env=self.env,
                                         stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for(lambda: self.process.poll() is not None or http_get(
                          self.url + '/-/healthy', timeout=1, ca_file=self.ca_file)[0] == 200,
@@ -523,8 +526,29 @@ def run_demo(fixture, cluster, ready_timeout):
         # A second Ctrl-C must not cut the clean-up short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for component in reversed(started):
-            component.stop()
+        stop_in_order(started)
+
+
+def stop_in_order(started):
+    """Stop the Prometheus servers together, then the rest together, saying what it waits for.
+
+    The children run in sessions of their own, so a Ctrl-C reaches only
+    this process. Each Prometheus may wait up to 20 s on SIGTERM: prometheus1
+    first sends the exporter what its remote-write queue still holds, so
+    the exporter goes only after it; stopping one at a time would add up.
+    """
+    prometheuses = [part for part in started if isinstance(part, Prometheus)]
+    rest = [part for part in started if not isinstance(part, Prometheus)]
+    for parts, why in ((prometheuses, 'prometheus1 flushes its remote-write queue'),
+                       (rest, 'gunicorn lets in-flight requests finish')):
+        if parts:
+            names = ', '.join(getattr(part, 'name', type(part).__name__) for part in parts)
+            print(f'stopping {names} ({why})...', flush=True)
+            threads = [threading.Thread(target=part.stop) for part in parts]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
 
 
 def main(argv=None):
