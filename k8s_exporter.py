@@ -10,8 +10,8 @@ value per pod and serves them on GET /metrics, labelled
 
 Run it:
 
-    gunicorn -w 1 --threads 8 -b 0.0.0.0:9201 k8s_exporter:app
-    python3 k8s_exporter.py       # same defaults, for a drop-in on a host
+    gunicorn k8s_exporter:app     # in this folder: gunicorn.conf.py says how
+    python3 k8s_exporter.py       # the same, on K8S_EXPORTER_LISTEN, for a drop-in
 
 One worker (-w 1): the store lives in the worker's memory.
 
