@@ -754,7 +754,10 @@ def expected_pod_values(tables):
     ('/kubepods/burstable/podzz', False),
     ('pod12\n', False),
     ('/', False),
-], ids=['cgroupfs-burstable-pod', 'cgroupfs-guaranteed-pod', 'systemd-burstable-pod', 'systemd-guaranteed-pod', 'cgroupfs-container', 'systemd-docker-scope', 'qos-class', 'kubepods-slice', 'podman-service', 'xpod-prefix', 'non-hex-uid', 'trailing-newline', 'root'])
+], ids=['cgroupfs-burstable-pod', 'cgroupfs-guaranteed-pod', 'systemd-burstable-pod',
+        'systemd-guaranteed-pod', 'cgroupfs-container', 'systemd-docker-scope', 'qos-class',
+        'kubepods-slice', 'podman-service', 'xpod-prefix', 'non-hex-uid', 'trailing-newline',
+        'root'])
 def test_model_pod_cgroup_test_agrees_with_the_readme_regex_and_the_exporter(cgroup, pod_level):
     segment = cgroup.rpartition('/')[2]
     assert is_pod_cgroup_id(cgroup) is pod_level
@@ -889,11 +892,18 @@ def test_config_reads_every_variable():
                                                  "not a valid metric name"),
     ('K8S_EXPORTER_METRICS', ',', "K8S_EXPORTER_METRICS=',': names no metric"),
     ('K8S_EXPORTER_LISTEN', '9201', "K8S_EXPORTER_LISTEN='9201': expected HOST:PORT"),
-], ids=['ttl-not-a-number', 'ttl-zero', 'ttl-nan', 'max-body-not-an-integer', 'max-series-negative', 'cluster-blank', 'metrics-bad-name', 'metrics-none', 'listen-without-host'])
+], ids=['ttl-not-a-number', 'ttl-zero', 'ttl-nan', 'max-body-not-an-integer',
+        'max-series-negative', 'cluster-blank', 'metrics-bad-name', 'metrics-none',
+        'listen-without-host'])
 def test_config_rejects_a_bad_value_naming_the_variable(name, value, message):
     with pytest.raises(ConfigError) as raised:
         Config.from_environ({name: value})
     assert str(raised.value) == message
+
+
+def test_metrics_variable_is_read_as_a_sorted_set_of_names():
+    config = Config.from_environ({'K8S_EXPORTER_METRICS': ' container_b , container_a,container_b'})
+    assert config.metrics == ('container_a', 'container_b')
 
 
 def test_metrics_variable_replaces_the_five_and_unknown_names_get_a_generic_help():
@@ -1008,14 +1018,16 @@ def test_long_metric_names_and_labels_take_the_full_path_and_are_kept(protocol):
 @pytest.mark.parametrize('filler', [300, 20000])
 def test_rw2_multi_byte_symbol_refs_are_resolved(filler):
     # Hundreds or thousands of symbols before the metric names: their refs
-    # are two- and three-byte varints.
+    # are two- and three-byte varints. As many after them, so that a ref
+    # misread as a larger one would name another symbol, not none.
     table = [({'__name__': 'filler', 'v': str(n)}, [(0, 1)]) for n in range(filler)]
     table += [(cadvisor(MEMORY, 'ns', 'kept'), [(5, 1)]),
               (cadvisor('container_network_receive_bytes_total', 'ns', 'dropped'), [(6, 1)])]
+    table += [({'__name__': 'filler', 'v': f'after-{n}'}, [(0, 1)]) for n in range(filler)]
     decoded = decode_all(table, PROTO_RW2)
     assert [(s.pod.pod, s.value) for s in decoded.samples] == [('kept', 5)]
     assert (decoded.samples_total, decoded.unexported, decoded.bad_series) == (
-        filler + 2, filler + 1, 0)
+        2 * filler + 2, 2 * filler + 1, 0)
 
 
 @pytest.mark.parametrize('protocol', [PROTO_RW1, PROTO_RW2])
@@ -1063,7 +1075,8 @@ def test_rw2_without_a___name___symbol_rejects_every_series():
     ({'namespace': 'ns', 'pod': 'p', 'id': '/kubepods/besteffort/podab/0f0f', 'image': 'pause'},
      PodKey('k8s-cluster', '', 'ns', 'p'),
      SeriesKey(False, '', '/kubepods/besteffort/podab/0f0f', 'pause', '')),
-], ids=['kubelet-pod-cgroup', 'kubelet-container', 'kubelet-legacy', 'standalone-cadvisor', 'systemd-pod-slice', 'containerd-pause'])
+], ids=['kubelet-pod-cgroup', 'kubelet-container', 'kubelet-legacy', 'standalone-cadvisor',
+        'systemd-pod-slice', 'containerd-pause'])
 def test_pod_identity_in_each_label_convention(labels, pod, series):
     assert pod_series_identity(labels, 'k8s-cluster') == (pod, series)
 
@@ -1102,9 +1115,9 @@ def test_fs_usage_sums_containers_and_devices():
 
 
 def test_fs_limit_counts_each_device_once():
-    series = series_map((False, 'POD', '/dev/a', 10.0), (False, 'app', '/dev/a', 10.0),
+    series = series_map((False, 'POD', '/dev/a', 10.0), (False, 'app', '/dev/a', 12.0),
                         (False, 'app', '/dev/b', 5.0))
-    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) == 15.0
+    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) == 17.0   # the largest a device has
 
 
 def test_fs_limit_of_a_device_ignores_nan_as_promql_max_does():
@@ -1135,12 +1148,22 @@ def test_aggregation_rule_per_metric_name():
      1.7976931348623157e308),
     ([-1.7976931348623157e308, -1e308], -math.inf), ([math.inf, 1.0], math.inf),
     ([math.inf, -math.inf], math.nan), ([math.nan, 1.0], math.nan), ([], 0.0),
-], ids=['plain', 'correctly-rounded', 'overflow-to-inf', 'overflow-and-back', 'overflow-to-minus-inf', 'inf-plus-one', 'inf-minus-inf', 'nan', 'empty'])
+], ids=['plain', 'correctly-rounded', 'overflow-to-inf', 'overflow-and-back',
+        'overflow-to-minus-inf', 'inf-plus-one', 'inf-minus-inf', 'nan', 'empty'])
 def test_sums_are_correctly_rounded_and_end_as_ieee_addition_would(values, total):
     # Senders may write any float: a sum never raises, it ends as IEEE
     # addition would (and the model agrees).
     assert same_values({0: ieee_sum(values)}, {0: total})
     assert same_values({0: k8s_exporter.sum_values(values)}, {0: total})
+
+
+def test_a_pod_value_of_minus_zero_is_written_0():
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup='/kubepods/podab'), [(-0.0, 1)]),
+               (cadvisor('container_fs_usage_bytes', 'ns', 'p', 'app', '/kubepods/podab/cc',
+                         device='/dev/a'), [(-0.0, 1)])])
+    assert [line.rpartition(' ')[2] for line in pod_families(scrape(app)).splitlines()
+            if not line.startswith('#')] == ['0', '0']
 
 
 def test_pod_value_through_the_app_pod_cgroup_container_sum_and_fs():
@@ -1552,7 +1575,10 @@ SYSTEMD_UID = r'[0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12}'
     (CAPTURE_MINIKUBE_1_35, rf'/kubepods/besteffort/pod{UID}/[0-9a-f]{{64}}', '', False),
     (CAPTURE_MINIKUBE_1_35, rf'/kubepods/pod{UID}', '', True),
     (CAPTURE_LEGACY_GKE, rf'/kubepods/burstable/pod{UID}/[0-9a-f]{{64}}', 'POD', False),
-], ids=['eks-burstable-pod', 'eks-besteffort-pod', 'eks-pause', 'eks-container', 'minikube-systemd-burstable-pod', 'minikube-systemd-guaranteed-pod', 'minikube-systemd-pause', 'kind-pod', 'kind-containerd-pause', 'minikube-1.35-containerd-pause', 'minikube-1.35-pod', 'gke-legacy-pause'])
+], ids=['eks-burstable-pod', 'eks-besteffort-pod', 'eks-pause', 'eks-container',
+        'minikube-systemd-burstable-pod', 'minikube-systemd-guaranteed-pod',
+        'minikube-systemd-pause', 'kind-pod', 'kind-containerd-pause',
+        'minikube-1.35-containerd-pause', 'minikube-1.35-pod', 'gke-legacy-pause'])
 def test_pod_series_identity_tells_pod_cgroups_by_real_ids(capture, cgroup_pattern, container,
                                                            pod_level):
     matches_id = _id_matches(cgroup_pattern)
@@ -1629,13 +1655,40 @@ def test_stale_marker_removes_the_series_and_an_empty_pod_disappears(protocol):
         0, 0, 2]
 
 
+def test_a_new_pod_whose_only_sample_is_a_stale_marker_or_refused_is_not_held():
+    app = fresh_app(max_series=1)
+    post(app, [(cadvisor(MEMORY, 'ns', 'held'), [(1, 1)])])
+    post(app, [(cadvisor(MEMORY, 'ns', 'stale'), [(STALE_NAN, 1)]),
+               (cadvisor(MEMORY, 'ns', 'refused'), [(5, 1)])])
+    page = scrape(app)
+    assert [self_metric(page, name) for name in ('k8s_exporter_pods', 'k8s_exporter_input_series')
+            ] == [1, 1]
+    assert set(pod_values_in(page)) == {(MEMORY, 'k8s-cluster', 'kubernetes-cadvisor', 'ns',
+                                         'held')}
+
+
+def test_forgetting_one_metric_of_a_cgroup_keeps_its_other_metrics():
+    app = fresh_app()
+    cpu = 'container_cpu_load_average_10s'
+    post(app, [(cadvisor(cpu, 'ns', 'p', cgroup='/kubepods/podab'), [(2, 1)]),
+               (cadvisor(MEMORY, 'ns', 'p', cgroup='/kubepods/podab'), [(100, 1)])])
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup='/kubepods/podab'), [(STALE_NAN, 2)])])
+    page = scrape(app)
+    assert pod_values_in(page) == {(cpu, 'k8s-cluster', 'kubernetes-cadvisor', 'ns', 'p'): 2}
+    assert self_metric(page, 'k8s_exporter_input_series') == 1
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup='/kubepods/podab'), [(50, 3)])])
+    assert memory_of(app) == 50
+
+
 def test_nan_and_infinities_other_than_stale_markers_are_stored_and_printed():
     app = fresh_app()
     post(app, [(cadvisor(MEMORY, 'ns', 'nan'), [(math.nan, 1)]),
                (cadvisor(MEMORY, 'ns', 'inf'), [(math.inf, 1)]),
                (cadvisor(MEMORY, 'ns', 'ninf'), [(-math.inf, 1)])])
-    assert [line.rpartition(' ')[2] for line in pod_families(scrape(app)).split('\n')[2:-1]] == [
+    page = scrape(app)
+    assert [line.rpartition(' ')[2] for line in pod_families(page).split('\n')[2:-1]] == [
         '+Inf', 'NaN', '-Inf']    # pods inf, nan, ninf in label order
+    assert self_metric(page, 'k8s_exporter_stale_markers_total') == 0
 
 
 def test_series_not_received_for_the_ttl_are_forgotten():
@@ -2025,7 +2078,8 @@ def test_bad_bodies_get_a_4xx_with_a_one_line_reason(body, headers, expected):
     assert (status, reason[:len(expected[1])]) == expected
 
 
-@pytest.mark.parametrize('build, content_type', [(rw1_body, RW1_TYPE), (rw2_body, RW2_TYPE)], ids=['rw1', 'rw2'])
+@pytest.mark.parametrize('build, content_type', [(rw1_body, RW1_TYPE), (rw2_body, RW2_TYPE)],
+    ids=['rw1', 'rw2'])
 def test_invalid_utf8_in_an_exported_series_is_corrupt_protobuf(build, content_type):
     payload = build([(cadvisor(MEMORY, 'ns', 'pod-xxxx'), [(1, 1)])], compress=False)
     raw = payload.replace(b'pod-xxxx', b'pod-\xff\xfe\xfd\xfc')
@@ -2099,6 +2153,27 @@ def test_body_over_the_limit_is_413():
     # Without Content-Length (chunked), one byte over the limit is enough.
     assert rejection(app, b'x' * 101, content_length=False) == (
         413, 'body exceeds the limit of 100 bytes')
+
+
+def test_a_body_at_either_limit_is_accepted():
+    payload = rw1_body(seed_table(), compress=False)
+    body = snappy.compress(payload)
+    app = fresh_app(max_body_bytes=len(body), max_decoded_bytes=len(payload))
+    assert call_wsgi(app, 'POST', '/write', body)[0] == 204
+    assert call_wsgi(app, 'POST', '/write', body, content_length=False)[0] == 204
+
+
+def test_a_body_shorter_than_its_content_length_is_400():
+    body = rw1_body(seed_table())
+    assert rejection(fresh_app(), body, {'Content-Length': str(len(body) + 10)}) == (
+        400, f'body ended after {len(body)} of {len(body) + 10} bytes')
+
+
+def test_a_refusal_echoes_at_most_120_characters_of_the_request():
+    content_type = 'application/' + 'x' * 300
+    assert rejection(fresh_app(), b'junk', {'Content-Type': content_type}) == (
+        415, f'unsupported Content-Type {content_type[:120] + "..."!r}; '
+             'expected application/x-protobuf')
 
 
 def test_decoded_body_over_the_limit_is_413():
@@ -2185,14 +2260,17 @@ def secured_app(tmp_path):
 
 
 @pytest.mark.parametrize('authorization', [
-    'Bearer s3cret-write', 'bearer s3cret-write', basic('prometheus1:pw1'), basic('backup:pw2')], ids=['bearer', 'bearer-lower-case', 'basic-first-user', 'basic-second-user'])
+    'Bearer s3cret-write', 'bearer s3cret-write', basic('prometheus1:pw1'), basic('backup:pw2')],
+    ids=['bearer', 'bearer-lower-case', 'basic-first-user', 'basic-second-user'])
 def test_write_accepts_the_configured_bearer_token_or_basic_auth(secured_app, authorization):
     assert post(secured_app, seed_table(), Authorization=authorization)[0] == 204
 
 
 @pytest.mark.parametrize('authorization', [
     None, 'Bearer wrong', 'Bearer s3cret-read', basic('prometheus1:pw2'), basic('nobody:pw1'),
-    'Basic !!notbase64', 'Digest s3cret-write', 'Bearer', ''], ids=['no-header', 'wrong-token', 'the-metrics-token', 'wrong-password', 'unknown-user', 'bad-base64', 'digest', 'bearer-without-token', 'empty-header'])
+    'Basic !!notbase64', 'Digest s3cret-write', 'Bearer', ''],
+    ids=['no-header', 'wrong-token', 'the-metrics-token', 'wrong-password', 'unknown-user',
+         'bad-base64', 'digest', 'bearer-without-token', 'empty-header'])
 def test_write_with_missing_or_wrong_credentials_is_401_with_a_challenge(secured_app,
                                                                         authorization):
     headers = {'Authorization': authorization} if authorization is not None else {}
