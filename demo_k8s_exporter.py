@@ -68,6 +68,21 @@ class StartStop:
     def __exit__(self, *exc):
         self.stop()
 
+    def wait_until_serving(self, url, timeout, ca_file=None):
+        """Wait until self.process answers url with 200; if it exits or the
+        wait times out, stop it and raise StartupError with its log."""
+        try:
+            wait_for(lambda: self.process.poll() is not None or
+                     http_get(url, timeout=1, ca_file=ca_file)[0] == 200,
+                     timeout, f'{self.name} to answer {url}')
+            if self.process.poll() is not None:
+                raise StartupError(f'{self.name} exited with {self.process.returncode}')
+        except BaseException as error:
+            self.stop()
+            if isinstance(error, StartupError):
+                raise StartupError(f'{error}\n--- {self.name} log ---\n{self.log}') from None
+            raise
+
 
 def free_port():
     with socket.socket() as probe:
@@ -331,17 +346,7 @@ class Prometheus(StartStop):
              *self.extra_args],
             stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
             start_new_session=True)   # a Ctrl-C reaches the harness, which stops it in order
-        try:
-            wait_for(lambda: self.process.poll() is not None or
-                     http_get(self.url + '/-/ready', timeout=1)[0] == 200,
-                     self.ready_timeout, f'{self.name} to be ready')
-            if self.process.poll() is not None:
-                raise StartupError(f'{self.name} exited with {self.process.returncode}')
-        except BaseException as error:
-            self.stop()
-            if isinstance(error, StartupError):
-                raise StartupError(f'{error}\n--- {self.name} log ---\n{self.log}') from None
-            raise
+        self.wait_until_serving(self.url + '/-/ready', self.ready_timeout)
         return self
 
     def stop(self):
@@ -432,20 +437,10 @@ class ExporterProcess(StartStop):
         self.process = subprocess.Popen(self.command(), cwd=HERE, env=self.env,
                                         stdin=subprocess.DEVNULL, stdout=self._log_file,
                                         stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for(lambda: self.process.poll() is not None or http_get(
-                         self.url + '/-/healthy', timeout=1, ca_file=self.ca_file)[0] == 200,
-                     self.start_timeout, 'the exporter to answer /-/healthy')
-            if self.process.poll() is not None:
-                raise StartupError(f'gunicorn exited with {self.process.returncode}')
-            # The one worker: the process that serves, whose CPU and memory count.
-            self.pid, = wait_for(lambda: process_children(self.process.pid), 10,
-                                 'the gunicorn worker')
-        except BaseException as error:
-            self.stop()
-            if isinstance(error, StartupError):
-                raise StartupError(f'{error}\n--- gunicorn log ---\n{self.log}') from None
-            raise
+        self.wait_until_serving(self.url + '/-/healthy', self.start_timeout, self.ca_file)
+        # The one worker, which has just answered: the process that serves,
+        # whose CPU and memory count.
+        self.pid, = process_children(self.process.pid)
         return self
 
     def stop(self, sig=signal.SIGTERM):
