@@ -1992,6 +1992,7 @@ def test_self_metrics_follow_the_pod_families_as_the_seed_shows():
         ('k8s_exporter_samples_ignored_total', (('reason', 'invalid_series'),)): 1,
         ('k8s_exporter_input_series', ()): 25,
         ('k8s_exporter_pods', ()): 5,
+        ('k8s_exporter_write_duration_seconds_bucket', (('le', '+Inf'),)): 2,
         ('k8s_exporter_write_duration_seconds_count', ()): 2,
     }
     assert {key: samples[key] for key in expected} == expected
@@ -2000,6 +2001,16 @@ def test_self_metrics_follow_the_pod_families_as_the_seed_shows():
     for name in ('process_resident_memory_bytes', 'process_cpu_seconds_total',
                  'process_start_time_seconds', 'process_open_fds'):
         assert samples[(name, ())] > 0
+
+
+def test_last_write_success_is_the_time_of_the_last_write_applied_whole():
+    app = fresh_app(max_series=1)
+    post(app, [(cadvisor(MEMORY, 'ns', 'p'), [(1, 1)]), ({'job': 'j'}, [(1, 1)])])
+    post(app, [(cadvisor(MEMORY, 'ns', 'p'), [(2, 2)]), (cadvisor(MEMORY, 'ns', 'q'), [(1, 1)])])
+    success = 'k8s_exporter_last_write_success_timestamp_seconds'
+    assert self_metric(scrape(app), success) == 0     # one series invalid, then one refused
+    post(app, [(cadvisor(MEMORY, 'ns', 'p'), [(3, 3)])])
+    assert self_metric(scrape(app), success) == pytest.approx(time.time(), abs=5)
 
 
 @pytest.mark.skipif(not os.access(PROMTOOL_BINARY, os.X_OK), reason='promtool not installed')
@@ -2036,6 +2047,13 @@ def test_rw2_success_always_sends_the_written_headers_counting_unexported_sample
         'X-Prometheus-Remote-Write-Samples-Written': str(len(seed_table())),
         'X-Prometheus-Remote-Write-Histograms-Written': '0',
         'X-Prometheus-Remote-Write-Exemplars-Written': '0'}
+
+
+def test_rw2_samples_written_leave_out_those_the_series_limit_refused():
+    app = fresh_app(max_series=1)
+    status, headers, _ = post(app, [(cadvisor(MEMORY, 'ns', 'p'), [(1, 1)]),
+                                    (cadvisor(MEMORY, 'ns', 'q'), [(1, 1), (2, 2)])], protocol=2)
+    assert (status, headers['X-Prometheus-Remote-Write-Samples-Written']) == (400, '1')
 
 
 def test_rw2_histograms_and_exemplars_are_accepted_and_ignored():
