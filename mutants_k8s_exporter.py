@@ -297,7 +297,7 @@ MUTANTS = [
      "text_response(503, 'internal error"),
     (HTTP, 'decodes are bounded by the slots', 'with self.decode_slots:',
      'with threading.Lock():'),
-    (HTTP, 'metrics Content-Length covers every chunk',
+    (HTTP + EXPOSITION, 'metrics Content-Length covers every chunk',
      "headers.append(('Content-Length', str(sum(map(len, chunks)))))",
      "headers.append(('Content-Length', str(len(chunks[0]))))"),
     (HTTP, 'reason phrase of 413', "413: 'Content Too Large'", "413: 'Payload Too Large'"),

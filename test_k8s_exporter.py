@@ -273,8 +273,12 @@ def pod_families(exposition):
 # Calling the WSGI app, and a real gunicorn ###################################
 ###############################################################################
 
-def call_wsgi(application, method, path, body=b'', headers=None, content_length=True):
-    """Call a WSGI app under wsgiref's validator; return (status, headers, body)."""
+def call_wsgi(application, method, path, body=b'', headers=None, content_length=True,
+              status_line=False):
+    """Call a WSGI app under wsgiref's validator; return (status, headers, body).
+
+    status is the code, or with status_line the whole line ('404 Not Found').
+    """
     environ = {
         'REQUEST_METHOD': method, 'PATH_INFO': path, 'QUERY_STRING': '', 'SCRIPT_NAME': '',
         'SERVER_NAME': 'localhost', 'SERVER_PORT': '9201', 'SERVER_PROTOCOL': 'HTTP/1.1',
@@ -290,7 +294,7 @@ def call_wsgi(application, method, path, body=b'', headers=None, content_length=
     response = {}
 
     def start_response(status, response_headers, exc_info=None):
-        response['status'] = int(status.split()[0])
+        response['status'] = status if status_line else int(status.split()[0])
         response['headers'] = dict(response_headers)
 
     chunks = validator(application)(environ, start_response)
@@ -2205,9 +2209,10 @@ def test_rejected_requests_never_cost_stored_data():
     app = fresh_app(max_body_bytes=5000)
     post(app, seed_table())
     before = pod_families(scrape(app))
-    for body, headers in ((b'junk', {}), (b'x' * 6000, {}), (snappy.compress(b'\xff'), {}),
-                          (b'junk', {'Content-Type': 'application/json'})):
-        assert 400 <= call_wsgi(app, 'POST', '/write', body, headers)[0] < 500
+    statuses = [call_wsgi(app, 'POST', '/write', body, headers)[0] for body, headers in (
+        (b'junk', {}), (b'x' * 6000, {}), (snappy.compress(b'\xff'), {}),
+        (b'junk', {'Content-Type': 'application/json'}))]
+    assert statuses == [400, 413, 400, 415]
     assert pod_families(scrape(app)) == before == SEED_EXPOSITION
 
 
@@ -2219,6 +2224,33 @@ def test_wrong_method_is_405_with_allow(method, path, allow):
     status, headers, body = call_wsgi(fresh_app(), method, path)
     assert (status, headers['Allow'], body) == (405, allow,
                                                 f'method {method} not allowed\n'.encode())
+
+
+def test_each_status_line_carries_its_rfc_9110_reason_phrase():
+    app = fresh_app(max_body_bytes=1000)
+    requests = [('GET', '/metrics', b'', {}), ('POST', '/write', rw1_body(seed_table()), {}),
+                ('POST', '/write', b'', {}), ('GET', '/nope', b'', {}), ('GET', '/write', b'', {}),
+                ('POST', '/write', b'x' * 1001, {}),
+                ('POST', '/write', b'junk', {'Content-Type': 'text/plain'})]
+    assert [call_wsgi(app, *request, status_line=True)[0] for request in requests] == [
+        '200 OK', '204 No Content', '400 Bad Request', '404 Not Found',
+        '405 Method Not Allowed', '413 Content Too Large', '415 Unsupported Media Type']
+
+
+def test_a_fault_of_ours_is_500_logged_and_counted(monkeypatch, caplog):
+    def fail(*args):
+        raise RuntimeError('a fault of ours')
+
+    app = fresh_app()
+    monkeypatch.setattr(k8s_exporter, 'render_self_metrics', fail)
+    status, _, body = call_wsgi(app, 'GET', '/metrics', status_line=True)
+    assert (status, body) == ('500 Internal Server Error',
+                              b'internal error; see the exporter log\n')
+    assert 'RuntimeError: a fault of ours' in caplog.text
+    monkeypatch.undo()
+    page = scrape(app)
+    assert (self_metric(page, 'promhttp_metric_handler_errors_total', cause='gathering'),
+            requests_counted(page, 'metrics', 500)) == (1, 1)
 
 
 def test_unknown_path_is_404():
