@@ -2598,8 +2598,9 @@ needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mall
 
 @needs_glibc
 def test_glibc_takes_every_malloc_setting():
-    # mallopt returns 0 for a value it refuses (the mmap threshold has a
-    # ceiling of 32 MiB on 64-bit), which would leave the default in place.
+    # mallopt returns 0 for a value it refuses (glibc has capped the mmap
+    # threshold at 32 MiB on 64-bit; 2.36 takes more), which would leave the
+    # default in place.
     result = subprocess.run(
         [sys.executable, '-c', 'import k8s_exporter; print(k8s_exporter.tune_malloc())'],
         cwd=HERE, capture_output=True, text=True, timeout=60)
