@@ -896,9 +896,12 @@ def test_config_reads_every_variable():
                                                  "not a valid metric name"),
     ('K8S_EXPORTER_METRICS', ',', "K8S_EXPORTER_METRICS=',': names no metric"),
     ('K8S_EXPORTER_LISTEN', '9201', "K8S_EXPORTER_LISTEN='9201': expected HOST:PORT"),
+    ('K8S_EXPORTER_TTL_SECONDS', 'inf', "K8S_EXPORTER_TTL_SECONDS='inf': must be greater than 0"),
+    ('K8S_EXPORTER_LISTEN', '127.0.0.1:65536',
+     "K8S_EXPORTER_LISTEN='127.0.0.1:65536': expected HOST:PORT"),
 ], ids=['ttl-not-a-number', 'ttl-zero', 'ttl-nan', 'max-body-not-an-integer',
         'max-series-negative', 'cluster-blank', 'metrics-bad-name', 'metrics-none',
-        'listen-without-host'])
+        'listen-without-host', 'ttl-inf', 'listen-port-too-large'])
 def test_config_rejects_a_bad_value_naming_the_variable(name, value, message):
     with pytest.raises(ConfigError) as raised:
         Config.from_environ({name: value})
@@ -1079,8 +1082,15 @@ def test_rw2_without_a___name___symbol_rejects_every_series():
     ({'namespace': 'ns', 'pod': 'p', 'id': '/kubepods/besteffort/podab/0f0f', 'image': 'pause'},
      PodKey('k8s-cluster', '', 'ns', 'p'),
      SeriesKey(False, '', '/kubepods/besteffort/podab/0f0f', 'pause', '')),
+    # no id: the pod cgroup, when there is no container label either
+    ({'namespace': 'ns', 'pod': 'p'}, PodKey('k8s-cluster', '', 'ns', 'p'),
+     SeriesKey(True, '', '', '', '')),
+    # a container label makes a container, whatever the id says
+    ({'namespace': 'ns', 'pod': 'p', 'container': 'app', 'id': '/kubepods/burstable/podab'},
+     PodKey('k8s-cluster', '', 'ns', 'p'),
+     SeriesKey(False, 'app', '/kubepods/burstable/podab', '', '')),
 ], ids=['kubelet-pod-cgroup', 'kubelet-container', 'kubelet-legacy', 'standalone-cadvisor',
-        'systemd-pod-slice', 'containerd-pause'])
+        'systemd-pod-slice', 'containerd-pause', 'no-id', 'container-on-a-pod-cgroup-id'])
 def test_pod_identity_in_each_label_convention(labels, pod, series):
     assert pod_series_identity(labels, 'k8s-cluster') == (pod, series)
 
@@ -1091,7 +1101,9 @@ def test_pod_identity_in_each_label_convention(labels, pod, series):
     {'namespace': '', 'pod_name': '', 'container_name': '', 'id': '/kubepods/burstable/podab'},
     {'name': 'some-docker-container', 'id': '/docker/0f', 'image': 'redis'},
     {'namespace': 'ns', 'pod': ''},
-], ids=['root-cgroup', 'system-service', 'empty-legacy-labels', 'plain-docker', 'empty-pod'])
+    {'pod': 'p', 'container': 'app', 'id': '/kubepods/podab/0f'},
+], ids=['root-cgroup', 'system-service', 'empty-legacy-labels', 'plain-docker', 'empty-pod',
+        'no-namespace'])
 def test_series_without_pod_identity_are_not_exported(labels):
     assert pod_series_identity(labels, 'k8s-cluster') is None
 
@@ -2140,7 +2152,10 @@ def test_dropped_series_are_read_only_as_far_as_their_name():
     (1, ({'pod': 'p'}, [(1, 1)]), 'series with no __name__ label'),
     (2, ({}, [(1, 1)]), 'series with no labels'),
     (2, ({'pod': 'p'}, [(1, 1)]), 'series with no __name__ label'),
-], ids=['rw1-no-labels', 'rw1-no-name', 'rw2-no-labels', 'rw2-no-name'])
+    (1, ({'__name__': '', 'pod': 'p'}, [(1, 1)]), 'series with no __name__ label'),
+    (2, ({'__name__': '', 'pod': 'p'}, [(1, 1)]), 'series with no __name__ label'),
+], ids=['rw1-no-labels', 'rw1-no-name', 'rw2-no-labels', 'rw2-no-name', 'rw1-empty-name',
+        'rw2-empty-name'])
 def test_bad_series_are_400_and_the_good_ones_of_the_request_still_apply(protocol, bad_series,
                                                                           reason):
     app = fresh_app()
@@ -2157,7 +2172,8 @@ def test_bad_series_are_400_and_the_good_ones_of_the_request_still_apply(protoco
     ([1, 2, 3], 'series with an odd number of label refs'),
     ([1, 2, 3, 9], 'label ref out of range of 8 symbols'),
     ([1, 99], 'label ref out of range of 8 symbols'),
-], ids=['odd-count', 'one-out-of-range', 'value-out-of-range'])
+    ([1, 8], 'label ref out of range of 8 symbols'),
+], ids=['odd-count', 'one-out-of-range', 'value-out-of-range', 'ref-at-symbol-count'])
 def test_rw2_bad_label_refs_are_400(refs, reason):
     symbols = ['', '__name__', MEMORY, 'namespace', 'ns', 'pod', 'p', 'job']
     app = fresh_app()
