@@ -454,6 +454,9 @@ def main(argv=None):
             state = 'n/a: text not found once' if mutated is None else f'{len(tests)} tests'
             print(f'{number:3d}  {rule:<60}  {state}')
         return 0
+    # SIGTERM takes the way out of Ctrl-C, so the tests' servers are stopped
+    # and the copy removed (a background job may ignore SIGINT).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     workspace = Workspace()
     results = []
     started = time.monotonic()
