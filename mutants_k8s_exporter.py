@@ -390,7 +390,7 @@ class Workspace:
         env = {**os.environ, 'PYTHONDONTWRITEBYTECODE': '1'}
         process = subprocess.Popen(command, cwd=self.project, env=env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=hear_sigint)
         try:
             output, _ = process.communicate(timeout=timeout)
         except (subprocess.TimeoutExpired, KeyboardInterrupt) as error:
@@ -407,6 +407,13 @@ class Workspace:
 
     def remove(self):
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def hear_sigint():
+    """Before the tests' Python starts: SIGINT back to its default, which
+    Python turns into Ctrl-C, where this pass runs as a background job that
+    ignores SIGINT (and would pass that on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop_group(process):
