@@ -39,11 +39,9 @@ import time
 import snappy
 
 from demo_k8s_exporter import PROMETHEUS_BINARY, ExporterProcess, Prometheus
+from k8s_exporter import DEFAULT_METRICS as EXPORTED
 from k8s_exporter import read_process_stat
 
-EXPORTED = ('container_cpu_load_average_10s', 'container_fs_limit_bytes',
-            'container_fs_usage_bytes', 'container_memory_max_usage_bytes',
-            'container_memory_usage_bytes')
 RW1_HEADERS = {'Content-Type': 'application/x-protobuf;proto=prometheus.WriteRequest',
                'Content-Encoding': 'snappy', 'X-Prometheus-Remote-Write-Version': '0.1.0'}
 RW2_HEADERS = {'Content-Type': 'application/x-protobuf;proto=io.prometheus.write.v2.Request',
