@@ -1692,8 +1692,11 @@ def test_forgetting_one_metric_of_a_cgroup_keeps_its_other_metrics():
     page = scrape(app)
     assert pod_values_in(page) == {(cpu, 'k8s-cluster', 'kubernetes-cadvisor', 'ns', 'p'): 2}
     assert self_metric(page, 'k8s_exporter_input_series') == 1
-    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup='/kubepods/podab'), [(50, 3)])])
-    assert memory_of(app) == 50
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup='/kubepods/podab'), [(50, 3)]),
+               (cadvisor(cpu, 'ns', 'p', cgroup='/kubepods/podab'), [(9, 1)])])   # not newer
+    assert pod_values_in(scrape(app)) == {
+        (cpu, 'k8s-cluster', 'kubernetes-cadvisor', 'ns', 'p'): 2,
+        (MEMORY, 'k8s-cluster', 'kubernetes-cadvisor', 'ns', 'p'): 50}
 
 
 def test_nan_and_infinities_other_than_stale_markers_are_stored_and_printed():
