@@ -31,7 +31,7 @@ test: $(VENV)/.dev prometheus ## run every test, end to end with a real Promethe
 bench: $(VENV)/.dev prometheus ## compare ingest, scrape and memory with Prometheus itself (~5 min)
 	$(BIN)/python bench_k8s_exporter.py
 
-bench-quick: $(VENV)/.dev prometheus ## the bench at 100 and 300 pods, a smoke run (~2 min)
+bench-quick: $(VENV)/.dev prometheus ## the bench at 100 and 300 pods, a smoke run (3-4 min)
 	$(BIN)/python bench_k8s_exporter.py --quick
 
 mutants: $(VENV)/.dev prometheus ## one-line edits of each rule, each of which a test must catch

@@ -1,7 +1,7 @@
 """Benchmark k8s_exporter against Prometheus's own remote-write receiver.
 
     make bench                              # 1,000 and 10,000 pods, ~5 min on 2 cores
-    .venv/bin/python bench_k8s_exporter.py --quick          # small sizes, smoke run
+    make bench-quick                        # 100 and 300 pods, a smoke run, 3-4 min
     .venv/bin/python bench_k8s_exporter.py --pods 1000,10000
 
 A Prometheus with --web.enable-remote-write-receiver plus /federate is what a
