@@ -567,6 +567,9 @@ def main(argv=None):
               '(make prometheus does, as root)', file=sys.stderr)
         return 2
     # SIGTERM takes the same way out as Ctrl-C: through run_demo's finally.
+    # SIGINT is set too: started from a background job, Python would inherit
+    # it ignored, and Ctrl-C would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run_demo(args.fixture, args.cluster, args.ready_timeout)
