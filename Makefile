@@ -2,9 +2,13 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# The variables a person may set, e.g. `make run LISTEN=127.0.0.1:9300`;
+# `make help` shows each with the comment line above it.
+#: where `make run` serves
 LISTEN ?= 0.0.0.0:9201
-# Extra gunicorn flags, e.g. GUNICORN_ARGS='--certfile cert.pem --keyfile key.pem' for TLS.
+#: more gunicorn flags for `make run`, e.g. '--certfile cert.pem --keyfile key.pem' for TLS
 GUNICORN_ARGS ?=
+#: pytest flags for `make test`, e.g. '-x -k gunicorn'
 PYTEST_ARGS ?= -rs
 # `make image`: the tag, and the tool (docker when its daemon answers, else podman).
 IMAGE ?= k8s-exporter:latest
@@ -13,19 +17,31 @@ IMAGE_BUILD_ARGS ?=
 # `make shards`: how many exporters share the pods.
 SHARDS ?= 3
 
-.PHONY: help run test bench demo soak proto lint clean image shards prometheus podman base-image
+.PHONY: help run test bench bench-quick mutants demo soak proto lint clean image shards prometheus podman base-image
 
-help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 10
+help: ## list the targets and the variables
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+	@echo 'variables (make TARGET NAME=value), with their defaults:'
+	@awk '/^#: / { doc = substr($$0, 4); next } \
+	     /^[A-Z_]+ \?=/ && doc { value = $$0; sub(/^[^=]*= */, "", value); \
+	                             printf "  %s=%s\t%s\n", $$1, value, doc; doc = "" }' \
+	    $(MAKEFILE_LIST) | expand -t 30
 
-run: $(VENV)/.runtime ## serve on $(LISTEN) (default 0.0.0.0:9201) as in production
-	$(BIN)/gunicorn -w 1 --threads 8 -b $(LISTEN) $(GUNICORN_ARGS) k8s_exporter:app
+# The serving settings are gunicorn.conf.py's, which gunicorn reads here.
+run: $(VENV)/.runtime ## serve on $(LISTEN) as in production
+	$(BIN)/gunicorn -b $(LISTEN) $(GUNICORN_ARGS) k8s_exporter:app
 
 test: $(VENV)/.dev $(VENV)/.npm prometheus podman base-image ## run every test, end to end with a real Prometheus
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) test_k8s_exporter.py
 
-bench: $(VENV)/.dev prometheus ## compare ingest, scrape and memory with Prometheus itself
+bench: $(VENV)/.dev prometheus ## compare ingest, scrape and memory with Prometheus itself (~5 min)
 	$(BIN)/python bench_k8s_exporter.py
+
+bench-quick: $(VENV)/.dev prometheus ## the bench at 100 and 300 pods, a smoke run (3-4 min)
+	$(BIN)/python bench_k8s_exporter.py --quick
+
+mutants: $(VENV)/.dev prometheus ## one-line edits of each rule, each of which a test must catch
+	$(BIN)/python mutants_k8s_exporter.py
 
 demo: $(VENV)/.runtime prometheus ## cAdvisor fixture -> prometheus1 -> exporter -> prometheus2, until Ctrl-C
 	$(BIN)/python demo_k8s_exporter.py

@@ -1,7 +1,7 @@
 """Benchmark k8s_exporter against Prometheus's own remote-write receiver.
 
     make bench                              # 1,000 and 10,000 pods, ~5 min on 2 cores
-    .venv/bin/python bench_k8s_exporter.py --quick          # small sizes, smoke run
+    make bench-quick                        # 100 and 300 pods, a smoke run, 3-4 min
     .venv/bin/python bench_k8s_exporter.py --pods 1000,10000
 
 A Prometheus with --web.enable-remote-write-receiver plus /federate is what a
@@ -29,25 +29,19 @@ import math
 import os
 import random
 import shutil
-import signal
-import socket
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import snappy
 
-HERE = Path(__file__).resolve().parent
-VENV_BIN = Path(sys.executable).parent
+from demo_k8s_exporter import PROMETHEUS_BINARY, ExporterProcess, Prometheus
+from k8s_exporter import DEFAULT_METRICS as EXPORTED
+from k8s_exporter import read_process_stat
 
-EXPORTED = ('container_cpu_load_average_10s', 'container_fs_limit_bytes',
-            'container_fs_usage_bytes', 'container_memory_max_usage_bytes',
-            'container_memory_usage_bytes')
 RW1_HEADERS = {'Content-Type': 'application/x-protobuf;proto=prometheus.WriteRequest',
                'Content-Encoding': 'snappy', 'X-Prometheus-Remote-Write-Version': '0.1.0'}
 RW2_HEADERS = {'Content-Type': 'application/x-protobuf;proto=io.prometheus.write.v2.Request',
@@ -362,133 +356,32 @@ def stamp_bodies(batches, pass_number, timestamp_ms, stale=False):
 # Processes under test ########################################################
 ###############################################################################
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(('127.0.0.1', 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(url_path, port, deadline_seconds, process, what):
-    deadline = time.monotonic() + deadline_seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f'{what} exited with {process.returncode} at start-up')
-        try:
-            if http_get(port, url_path, timeout=1)[0] == 200:
-                return
-        except (OSError, http.client.HTTPException):
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f'{what} not ready after {deadline_seconds} s')
-
-
-def http_get(port, path, headers=None, timeout=60):
-    connection = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
-    try:
-        connection.request('GET', path, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
-def stop_process(process):
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
-def child_pid(parent_pid, deadline_seconds=20):
-    """The gunicorn worker: the master's only child."""
-    deadline = time.monotonic() + deadline_seconds
-    while time.monotonic() < deadline:
-        for entry in os.listdir('/proc'):
-            if entry.isdigit():
-                try:
-                    stat = Path(f'/proc/{entry}/stat').read_bytes()
-                except OSError:
-                    continue
-                if int(stat.rpartition(b')')[2].split()[1]) == parent_pid:
-                    return int(entry)
-        time.sleep(0.1)
-    raise RuntimeError(f'no worker process under gunicorn master {parent_pid}')
-
-
 def cpu_seconds(pid):
-    fields = Path(f'/proc/{pid}/stat').read_bytes().rpartition(b')')[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return read_process_stat(pid).cpu_seconds
 
 
 def rss_bytes(pid):
-    fields = Path(f'/proc/{pid}/stat').read_bytes().rpartition(b')')[2].split()
-    return int(fields[21]) * PAGE_SIZE
+    return read_process_stat(pid).resident_bytes
 
 
-class Exporter:
+def start_exporter(env=None):
     """k8s_exporter under gunicorn, started exactly as `make run` starts it."""
-
-    name = 'k8s_exporter'
-
-    def __init__(self, env=None):
-        self.port = free_port()
-        self.env = {**os.environ, **(env or {})}
-        self.process = None
-        self.log = tempfile.TemporaryFile()
-
-    def start(self):
-        self.process = subprocess.Popen(
-            [str(VENV_BIN / 'gunicorn'), '-w', '1', '--threads', '8',
-             '-b', f'127.0.0.1:{self.port}', 'k8s_exporter:app'],
-            cwd=HERE, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for('/-/healthy', self.port, 30, self.process, 'gunicorn')
-        self.pid = child_pid(self.process.pid)
-        return self
-
-    def stop(self):
-        stop_process(self.process)
-        self.log.close()
-
-    def self_metric(self, name):
-        status, body = http_get(self.port, '/metrics')
-        for line in body.decode().splitlines():
-            if line.startswith(name + ' '):
-                return float(line.split()[1])
-        raise RuntimeError(f'{name} not in /metrics')
+    return ExporterProcess(env).start()
 
 
-class Prometheus:
+def start_prometheus():
     """Debian's prometheus as a remote-write receiver with nothing to scrape."""
+    return Prometheus({'global': {}, 'scrape_configs': []}, ready_timeout=60,
+                      binary=shutil.which('prometheus') or PROMETHEUS_BINARY,
+                      extra_args=['--web.enable-remote-write-receiver',
+                                  '--log.level=warn']).start()
 
-    name = 'prometheus'
 
-    def __init__(self):
-        self.port = free_port()
-        self.directory = tempfile.mkdtemp(prefix='bench-prometheus-')
-        self.process = None
-        self.log = tempfile.TemporaryFile()
-
-    def start(self):
-        config = Path(self.directory, 'prometheus.yml')
-        config.write_text('global: {}\nscrape_configs: []\n')
-        self.process = subprocess.Popen(
-            [shutil.which('prometheus') or '/usr/bin/prometheus', f'--config.file={config}',
-             f'--storage.tsdb.path={self.directory}/data',
-             f'--web.listen-address=127.0.0.1:{self.port}',
-             '--web.enable-remote-write-receiver', '--log.level=warn'],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for('/-/ready', self.port, 60, self.process, 'prometheus')
-        self.pid = self.process.pid
-        return self
-
-    def stop(self):
-        stop_process(self.process)
-        self.log.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+def self_metric(exporter, name):
+    for line in exporter.metrics().splitlines():
+        if line.startswith(name + ' '):
+            return float(line.split()[1])
+    raise RuntimeError(f'{name} not in /metrics')
 
 
 ###############################################################################
@@ -688,11 +581,8 @@ def bench_size(pods, clock, results, scrape_count):
                                     'requests': len(rw1)})
     exporter = prometheus = None
     try:
-        # Assigned before start(), so that finally stops a half-started one.
-        exporter = Exporter()
-        exporter.start()
-        prometheus = Prometheus()
-        prometheus.start()
+        exporter = start_exporter()
+        prometheus = start_prometheus()
         time.sleep(1.0)
         idle_rss = rss_bytes(exporter.pid)
         warm = stamp_bodies(rw1, 0, clock.next())
@@ -714,7 +604,7 @@ def bench_size(pods, clock, results, scrape_count):
         pass_numbers = iter(range(next_pass, 1 << 30))
         row['exporter_rss'] = rss_bytes(exporter.pid)
         row['exporter_idle_rss'] = idle_rss
-        row['input_series'] = exporter.self_metric('k8s_exporter_input_series')
+        row['input_series'] = self_metric(exporter, 'k8s_exporter_input_series')
         row['prometheus_rss'] = rss_bytes(prometheus.pid)
         print('   scrape', file=sys.stderr)
         wait_until_quiet([exporter.pid, prometheus.pid])
@@ -776,14 +666,13 @@ def bench_churn(pods, passes, clock):
     rows = []
     exporter = None
     try:
-        exporter = Exporter({'K8S_EXPORTER_TTL_SECONDS': '5'})
-        exporter.start()
+        exporter = start_exporter({'K8S_EXPORTER_TTL_SECONDS': '5'})
         for generation, bodies in enumerate(passes_bodies):
             started = time.monotonic()
             send_pass(exporter.port, bodies, RW1_HEADERS)
             time.sleep(max(0.0, 1.5 - (time.monotonic() - started)))
-            rows.append((generation, exporter.self_metric('k8s_exporter_input_series'),
-                         exporter.self_metric('k8s_exporter_pods'), rss_bytes(exporter.pid)))
+            rows.append((generation, self_metric(exporter, 'k8s_exporter_input_series'),
+                         self_metric(exporter, 'k8s_exporter_pods'), rss_bytes(exporter.pid)))
     finally:
         if exporter is not None:
             exporter.stop()

@@ -13,10 +13,12 @@ would, starts Debian's prometheus twice and the exporter under gunicorn, all
 on free loopback ports, waits until the pods reach prometheus2 and prints the
 URLs to open. Ctrl-C (or SIGTERM) stops everything it started.
 
-CadvisorEndpoint, Prometheus, the config builders, wait_for and free_port
-are also the harness of the end-to-end tests in test_k8s_exporter.py. This
-file needs only the standard library, plus gunicorn for ExporterProcess, so
-`make demo` runs without the test dependencies.
+This file is also the harness of test_k8s_exporter.py and
+bench_k8s_exporter.py: ExporterProcess, the one launcher of the exporter
+under gunicorn; CadvisorEndpoint; Prometheus and its config builders; the
+process and HTTP helpers. It needs what the exporter needs (requirements.txt:
+gunicorn, protobuf, python-snappy), not the test dependencies: it imports
+k8s_exporter, which only defines things on import.
 """
 
 import argparse
@@ -27,6 +29,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -65,6 +68,21 @@ class StartStop:
     def __exit__(self, *exc):
         self.stop()
 
+    def wait_until_serving(self, url, timeout, ca_file=None):
+        """Wait until self.process answers url with 200; if it exits or the
+        wait times out, stop it and raise StartupError with its log."""
+        try:
+            wait_for(lambda: self.process.poll() is not None or
+                     http_get(url, timeout=1, ca_file=ca_file)[0] == 200,
+                     timeout, f'{self.name} to answer {url}')
+            if self.process.poll() is not None:
+                raise StartupError(f'{self.name} exited with {self.process.returncode}')
+        except BaseException as error:
+            self.stop()
+            if isinstance(error, StartupError):
+                raise StartupError(f'{error}\n--- {self.name} log ---\n{self.log}') from None
+            raise
+
 
 def free_port():
     with socket.socket() as probe:
@@ -72,10 +90,15 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def http_get(url, timeout=5):
-    """(status, body bytes) of one GET."""
+def http_get(url, timeout=5, ca_file=None):
+    """(status, body bytes) of one GET; an https url is checked against ca_file."""
     parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    if parts.scheme == 'https':
+        connection = http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=timeout,
+            context=ssl.create_default_context(cafile=ca_file))
+    else:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         connection.request('GET', parts.path + ('?' + parts.query if parts.query else ''))
         response = connection.getresponse()
@@ -100,15 +123,24 @@ def wait_for(predicate, timeout, what, interval=0.2):
     raise StartupError(f'timed out after {timeout} s waiting for {what}; last: {last!r}'[:2000])
 
 
-def stop_process(process, timeout=20):
-    """SIGTERM, then SIGKILL after timeout; always reaps the child."""
+def stop_process(process, timeout=20, sig=signal.SIGTERM):
+    """sig (SIGTERM), then SIGKILL after timeout; always reaps the child."""
     if process.poll() is None:
-        process.terminate()
+        process.send_signal(sig)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             process.kill()
     process.wait()
+
+
+def process_children(pid):
+    """The pids of a process's children; [] once it has gone."""
+    try:
+        with open(f'/proc/{pid}/task/{pid}/children') as children:
+            return [int(child) for child in children.read().split()]
+    except FileNotFoundError:
+        return []
 
 
 ###############################################################################
@@ -141,6 +173,7 @@ class CadvisorEndpoint(StartStop):
     no stale markers (the exporter's TTL is what forgets a vanished pod).
     """
 
+    name = 'the cAdvisor endpoint'
     path = '/metrics/cadvisor'
 
     def __init__(self, text='', stamp_now=False, listen=('127.0.0.1', 0)):
@@ -277,10 +310,12 @@ class Prometheus(StartStop):
     needed. The log is kept in self.log after stop(), to print on failure.
     """
 
-    def __init__(self, config, name='prometheus', binary=PROMETHEUS_BINARY, ready_timeout=30):
+    def __init__(self, config, name='prometheus', binary=PROMETHEUS_BINARY, ready_timeout=30,
+                 extra_args=()):
         self.config = config
         self.name = name
         self.binary = binary
+        self.extra_args = list(extra_args)
         self.ready_timeout = ready_timeout
         self.port = None
         self.process = None
@@ -296,6 +331,10 @@ class Prometheus(StartStop):
     def url(self):
         return f'http://{self.address}'
 
+    @property
+    def pid(self):
+        return self.process.pid
+
     def start(self):
         self._dir = tempfile.mkdtemp(prefix=f'k8s-exporter-{self.name}-')
         config_path = os.path.join(self._dir, 'prometheus.yml')
@@ -306,19 +345,11 @@ class Prometheus(StartStop):
         self.process = subprocess.Popen(
             [self.binary, f'--config.file={config_path}',
              f'--storage.tsdb.path={os.path.join(self._dir, "data")}',
-             f'--web.listen-address={self.address}', '--web.enable-lifecycle'],
-            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT)
-        try:
-            wait_for(lambda: self.process.poll() is not None or
-                     http_get(self.url + '/-/ready', timeout=1)[0] == 200,
-                     self.ready_timeout, f'{self.name} to be ready')
-            if self.process.poll() is not None:
-                raise StartupError(f'{self.name} exited with {self.process.returncode}')
-        except BaseException as error:
-            self.stop()
-            if isinstance(error, StartupError):
-                raise StartupError(f'{error}\n--- {self.name} log ---\n{self.log}') from None
-            raise
+             f'--web.listen-address={self.address}', '--web.enable-lifecycle',
+             *self.extra_args],
+            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True)   # a Ctrl-C reaches the harness, which stops it in order
+        self.wait_until_serving(self.url + '/-/ready', self.ready_timeout)
         return self
 
     def stop(self):
@@ -373,43 +404,69 @@ class Prometheus(StartStop):
 ###############################################################################
 
 class ExporterProcess(StartStop):
-    """k8s_exporter under gunicorn from this Python's bin folder, as `make run` starts it.
+    """k8s_exporter under gunicorn on 127.0.0.1, started as `make run` starts it.
 
-    From this folder, so gunicorn reads gunicorn.conf.py: its receive timeout,
-    and no control socket (one path per user, which a second exporter would
-    take over).
+    gunicorn runs in this folder, so it reads gunicorn.conf.py, the one
+    source of the serving settings (workers, threads, timeouts, the hooks
+    that check the environment, tune malloc and set the receive timeout);
+    only the address is given here, plus gunicorn_args. tls: (certificate,
+    key, CA) files to serve HTTPS with gunicorn's own TLS. The output of
+    gunicorn and the exporter is kept in self.log after stop().
     """
 
-    def __init__(self, env=None, port=None):
+    name = 'k8s_exporter'
+
+    def __init__(self, env=None, port=None, tls=None, gunicorn_args=(), start_timeout=30):
         self.port = port or free_port()
         self.env = {**os.environ, **(env or {})}
+        self.gunicorn_args = list(gunicorn_args)
+        if tls:
+            self.gunicorn_args += ['--certfile', str(tls[0]), '--keyfile', str(tls[1])]
+        self.ca_file = str(tls[2]) if tls else None
+        self.url = f'{"https" if tls else "http"}://127.0.0.1:{self.port}'
+        self.start_timeout = start_timeout
         self.process = None
+        self.pid = None
+        self.log = ''
+        self._log_file = None
 
-    @property
-    def url(self):
-        return f'http://127.0.0.1:{self.port}'
+    def command(self):
+        return [sys.executable, '-m', 'gunicorn', '-b', f'127.0.0.1:{self.port}',
+                *self.gunicorn_args, 'k8s_exporter:app']
 
     def start(self):
-        gunicorn = Path(sys.executable).parent / 'gunicorn'
-        self.process = subprocess.Popen(
-            [str(gunicorn), '-w', '1', '--threads', '8', '-b', f'127.0.0.1:{self.port}',
-             'k8s_exporter:app'],
-            cwd=HERE, env=self.env, stdin=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: self.process.poll() is not None or
-                     http_get(self.url + '/-/healthy', timeout=1)[0] == 200,
-                     20, 'the exporter to answer /-/healthy')
-            if self.process.poll() is not None:
-                raise StartupError(f'gunicorn exited with {self.process.returncode}')
-        except BaseException:
-            self.stop()
-            raise
+        self._log_file = tempfile.TemporaryFile()
+        # In a session of its own, as Prometheus: a Ctrl-C reaches only the harness.
+        self.process = subprocess.Popen(self.command(), cwd=HERE, env=self.env,
+                                        stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_until_serving(self.url + '/-/healthy', self.start_timeout, self.ca_file)
+        # The one worker, which has just answered: the process that serves,
+        # whose CPU and memory count.
+        self.pid, = process_children(self.process.pid)
         return self
 
-    def stop(self):
+    def stop(self, sig=signal.SIGTERM):
+        """Stop gunicorn with sig (SIGTERM: in-flight requests finish, then it exits)."""
         if self.process is not None:
-            stop_process(self.process, timeout=30)
+            stop_process(self.process, timeout=40, sig=sig)
             self.process = None
+        if self._log_file is not None:
+            self.log = self.log_text()
+            self._log_file.close()
+            self._log_file = None
+
+    def log_text(self):
+        """gunicorn's output so far; pread leaves the offset gunicorn writes at alone."""
+        descriptor = self._log_file.fileno()
+        return os.pread(descriptor, os.fstat(descriptor).st_size, 0).decode(errors='replace')
+
+    def metrics(self):
+        """The text of /metrics."""
+        status, body = http_get(self.url + '/metrics', timeout=30, ca_file=self.ca_file)
+        if status != 200:
+            raise ValueError(f'{self.url}/metrics: {status} {body[:200]!r}')
+        return body.decode()
 
 
 ###############################################################################
@@ -467,8 +524,29 @@ def run_demo(fixture, cluster, ready_timeout):
         # A second Ctrl-C must not cut the clean-up short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for component in reversed(started):
-            component.stop()
+        stop_in_order(started)
+
+
+def stop_in_order(started):
+    """Stop the Prometheus servers together, then the rest together, saying what it waits for.
+
+    The children run in sessions of their own, so a Ctrl-C reaches only
+    this process. Each Prometheus may wait up to 20 s on SIGTERM: prometheus1
+    first sends the exporter what its remote-write queue still holds, so
+    the exporter goes only after it; stopping one at a time would add up.
+    """
+    prometheuses = [part for part in started if isinstance(part, Prometheus)]
+    rest = [part for part in started if not isinstance(part, Prometheus)]
+    for parts, why in ((prometheuses, 'prometheus1 flushes its remote-write queue'),
+                       (rest, 'gunicorn lets in-flight requests finish')):
+        if parts:
+            names = ', '.join(getattr(part, 'name', type(part).__name__) for part in parts)
+            print(f'stopping {names} ({why})...', flush=True)
+            threads = [threading.Thread(target=part.stop) for part in parts]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
 
 
 def serve_capture(fixture, listen):
@@ -501,6 +579,9 @@ def main(argv=None):
     if not args.fixture.endswith('.txt') and args.fixture not in fixture_names():
         parser.error(f'no fixture {args.fixture!r}; --list shows them')
     # SIGTERM takes the same way out as Ctrl-C: through the finally clauses.
+    # SIGINT is set too: started from a background job, Python would inherit
+    # it ignored, and Ctrl-C would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.serve_capture:
         try:

@@ -1,6 +1,9 @@
-"""gunicorn settings for k8s_exporter, read when gunicorn starts in this folder.
+"""gunicorn settings for k8s_exporter: the one place that says how it is served.
 
-`gunicorn k8s_exporter:app` here serves like `make run`; flags on the command
+gunicorn reads this file when it starts in this folder, so `make run`,
+plain `gunicorn k8s_exporter:app`, `python3 k8s_exporter.py` (which runs
+gunicorn with it) and the launcher of the tests, the bench and the demo
+(demo_k8s_exporter.ExporterProcess) all serve alike; flags on the command
 line override these.
 """
 import os
@@ -22,11 +25,19 @@ keepalive = 75   # longer than Prometheus's idle connection reuse
 # in-memory store across two workers.
 control_socket_disable = True
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 
 def on_starting(server):
     """Check the environment once, before forking, and say what is wrong in one line."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import k8s_exporter  # noqa: F401 -- importing it validates K8S_EXPORTER_*
+    import k8s_exporter
+    k8s_exporter.load_config_or_exit()
+
+
+def post_fork(server, worker):
+    """Tune malloc in the worker's main thread, before its thread pool allocates."""
+    import k8s_exporter
+    k8s_exporter.tune_malloc()
 
 
 def when_ready(server):

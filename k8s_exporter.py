@@ -10,8 +10,8 @@ value per pod and serves them on GET /metrics, labelled
 
 Run it:
 
-    gunicorn -w 1 --threads 8 -b 0.0.0.0:9201 k8s_exporter:app
-    python3 k8s_exporter.py       # same defaults, for a drop-in on a host
+    gunicorn k8s_exporter:app     # in this folder: gunicorn.conf.py says how
+    python3 k8s_exporter.py       # the same, on K8S_EXPORTER_LISTEN, for a drop-in
 
 One worker (-w 1): the store lives in the worker's memory.
 
@@ -301,7 +301,8 @@ STALE_NAN_BYTES = struct.pack('<Q', STALE_NAN_BITS)
 
 
 # tuple.__new__ makes a NamedTuple without its Python-level __new__, which
-# costs 0.25 us of the ~3 us a kept series takes.
+# costs 0.25 us of the ~3 us a kept series takes (in process, 2026-11-25:
+# the README's 0.5 ms for the 8% kept of a 2,000-series request).
 _new_tuple = tuple.__new__
 _intern = sys.intern
 
@@ -1335,11 +1336,28 @@ _CLOCK_TICKS = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
 _PAGE_SIZE = os.sysconf('SC_PAGE_SIZE') if hasattr(os, 'sysconf') else 4096
 
 
+class ProcessStat(NamedTuple):
+    state: str              # R, S, ..., Z for a zombie
+    cpu_seconds: float      # user and system
+    start_seconds: float    # since boot
+    virtual_bytes: int
+    resident_bytes: int
+
+
+def read_process_stat(pid='self'):
+    """What /proc/PID/stat says of a process; OSError once it has gone."""
+    with open(f'/proc/{pid}/stat', 'rb') as stat_file:
+        stat = stat_file.read().rpartition(b')')[2].split()
+    # Fields after the command name, 0-based: state 0, utime 11, stime 12,
+    # starttime 19, vsize 20, rss 21 (proc(5), minus the two leading fields).
+    return ProcessStat(stat[0].decode(), (int(stat[11]) + int(stat[12])) / _CLOCK_TICKS,
+                       int(stat[19]) / _CLOCK_TICKS, int(stat[20]), int(stat[21]) * _PAGE_SIZE)
+
+
 def read_process_metrics():
     """process_* metrics as the Go and Python clients name them; [] off Linux."""
     try:
-        with open('/proc/self/stat', 'rb') as stat_file:
-            stat = stat_file.read().rpartition(b')')[2].split()
+        stat = read_process_stat()
         with open('/proc/stat', 'rb') as boot_file:
             boot_time = next(float(line.split()[1]) for line in boot_file
                              if line.startswith(b'btime'))
@@ -1348,19 +1366,18 @@ def read_process_metrics():
         return []
     import resource
     max_fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    # Fields after the command name, 0-based: utime 11, stime 12, starttime 19,
-    # vsize 20, rss 21 (proc(5), minus the two leading fields).
     return [
         ('process_cpu_seconds_total', 'counter', 'Total user and system CPU time spent in seconds.',
-         (int(stat[11]) + int(stat[12])) / _CLOCK_TICKS),
+         stat.cpu_seconds),
         ('process_max_fds', 'gauge', 'Maximum number of open file descriptors.', max_fds),
         ('process_open_fds', 'gauge', 'Number of open file descriptors.', open_fds),
         ('process_resident_memory_bytes', 'gauge', 'Resident memory size in bytes.',
-         int(stat[21]) * _PAGE_SIZE),
+         stat.resident_bytes),
         ('process_start_time_seconds', 'gauge',
          'Start time of the process since unix epoch in seconds.',
-         boot_time + int(stat[19]) / _CLOCK_TICKS),
-        ('process_virtual_memory_bytes', 'gauge', 'Virtual memory size in bytes.', int(stat[20])),
+         boot_time + stat.start_seconds),
+        ('process_virtual_memory_bytes', 'gauge', 'Virtual memory size in bytes.',
+         stat.virtual_bytes),
     ]
 
 
@@ -1391,8 +1408,9 @@ class ExpositionCache:
             return snapshot, plain, None
         gzip_version, prefix, compressor = self._gzipped
         if gzip_version != snapshot.version:
-            # Level 1: 9 MB in ~20 ms; the default 6 takes several times
-            # longer for output only ~25% smaller.
+            # Level 1 adds about 30 ms to a scrape of 10,000 pods (9 MB; make
+            # bench, 2026-11-25, as in the README); the default 6 takes
+            # several times longer for output only ~25% smaller.
             compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
             prefix = compressor.compress(plain) + compressor.flush(zlib.Z_SYNC_FLUSH)
             self._gzipped = (snapshot.version, prefix, compressor)
@@ -1413,11 +1431,11 @@ INDEX_HTML = b'''<!DOCTYPE html>
 <li><a href="-/healthy">/-/healthy</a>, <a href="-/ready">/-/ready</a></li></ul>
 </body></html>
 '''
+# The statuses the exporter sends, with their RFC 9110 reason phrases.
 HTTP_REASONS = {200: 'OK', 204: 'No Content', 400: 'Bad Request', 401: 'Unauthorized',
                 404: 'Not Found', 405: 'Method Not Allowed', 408: 'Request Timeout',
-                411: 'Length Required',
                 413: 'Content Too Large', 415: 'Unsupported Media Type',
-                500: 'Internal Server Error', 503: 'Service Unavailable'}
+                500: 'Internal Server Error'}
 
 
 class Exporter:
@@ -1610,13 +1628,41 @@ def load_config():
 
 EXIT_CONFIG_ERROR = 4   # gunicorn's "app failed to load": its master stops, not respawns
 
+
+def load_config_or_exit():
+    """load_config(), or its one-line reason on stderr and exit 4.
+
+    gunicorn.conf.py's on_starting calls it in gunicorn's master, before
+    any worker is forked; python3 k8s_exporter.py calls it first thing.
+    """
+    try:
+        return load_config()
+    except ConfigError as error:
+        print(f'k8s_exporter: {error}', file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+def __getattr__(name):
+    """`k8s_exporter:app`: the Exporter, made from the environment when first asked for.
+
+    Importing the module only defines things; gunicorn's worker asks for
+    `app` once, after its post_fork hook has tuned malloc.
+    """
+    if name != 'app':
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    global app
+    app = Exporter(load_config_or_exit())
+    return app
+
+
 # glibc's malloc gives every thread that allocates an arena of its own, and
 # hands freed memory back to the kernel once 128 KiB lie free at the top of
 # one. gunicorn's eight threads take turns decoding bodies of a megabyte and
 # more, so each arena kept its own high-water mark, and every request paid
 # page faults to map its buffers again. One arena that keeps what a few
 # requests use took ingest at 10,000 pods from 309k to 434k samples per
-# CPU-second, and the worker's RSS from 91 to 74 MiB.
+# CPU-second, and the worker's RSS from 91 to 74 MiB (make bench,
+# 2026-11-25, before later changes; the README has today's figures).
 MALLOC_ARENAS = 1
 MALLOC_KEEP_FREE_BYTES = 32 * MiB    # also the size from which a block is mmap()ed
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
@@ -1625,8 +1671,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 def tune_malloc():
     """Set glibc's malloc up for the worker; return False where there is no glibc.
 
-    Runs at import, before gunicorn's threads allocate: an arena, once a
-    thread has one, stays its own.
+    Call it in the process's main thread before any other thread allocates
+    (gunicorn.conf.py's post_fork): an arena, once a thread has one, stays
+    its own.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -1639,15 +1686,6 @@ def tune_malloc():
         (_M_ARENA_MAX, MALLOC_ARENAS),
         (_M_MMAP_THRESHOLD, MALLOC_KEEP_FREE_BYTES),
         (_M_TRIM_THRESHOLD, MALLOC_KEEP_FREE_BYTES)))
-
-
-tune_malloc()
-
-try:
-    app = Exporter(load_config())
-except ConfigError as error:
-    print(f'k8s_exporter: {error}', file=sys.stderr)
-    sys.exit(EXIT_CONFIG_ERROR)
 
 
 ###############################################################################
@@ -1667,39 +1705,35 @@ def set_receive_timeout(sockets, seconds=RECEIVE_TIMEOUT_SECONDS):
         listening_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
 
+GUNICORN_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gunicorn.conf.py')
+
+
 def main():
-    """Serve like `make run`: gunicorn, one worker, eight threads."""
-    config = app.config
+    """Serve like `make run`: gunicorn with gunicorn.conf.py, on K8S_EXPORTER_LISTEN."""
+    config = load_config_or_exit()
     try:
-        from gunicorn.app.base import BaseApplication
+        from gunicorn.app.wsgiapp import run as run_gunicorn
     except ImportError:
-        BaseApplication = None
-    if BaseApplication is None:
-        from socketserver import ThreadingMixIn
-        from wsgiref.simple_server import WSGIServer, make_server
-
-        class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-            daemon_threads = True
-
-        host, _, port = config.listen.rpartition(':')
-        print(f'k8s_exporter: gunicorn not installed, serving with wsgiref on {config.listen}',
-              file=sys.stderr)
-        make_server(host.strip('[]'), int(port), app, ThreadingWSGIServer).serve_forever()
+        run_gunicorn = None
+    if run_gunicorn and os.path.exists(GUNICORN_CONF):
+        # The command line gunicorn would get: the settings are the file's.
+        sys.argv = ['gunicorn', '--config', GUNICORN_CONF, '--bind', config.listen,
+                    'k8s_exporter:app']
+        run_gunicorn()
         return
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer, make_server
 
-    class ExporterServer(BaseApplication):
-        def load_config(self):
-            for key, value in (('bind', config.listen), ('workers', 1), ('threads', 8),
-                               ('timeout', 60), ('graceful_timeout', 30), ('keepalive', 75),
-                               ('control_socket_disable', True),
-                               ('when_ready', lambda server: set_receive_timeout(
-                                   listener.sock for listener in server.LISTENERS))):
-                self.cfg.set(key, value)
+    class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
 
-        def load(self):
-            return app
-
-    ExporterServer().run()
+    missing = 'gunicorn not installed' if run_gunicorn is None else f'no {GUNICORN_CONF}'
+    print(f'k8s_exporter: {missing}, serving with wsgiref on {config.listen}',
+          file=sys.stderr)
+    tune_malloc()
+    host, _, port = config.listen.rpartition(':')
+    make_server(host.strip('[]'), int(port), Exporter(config),
+                ThreadingWSGIServer).serve_forever()
 
 
 if __name__ == '__main__':

@@ -1,0 +1,518 @@
+"""The mutation pass: one-line edits of k8s_exporter.py's rules, each of which a test must catch.
+
+    make mutants
+    .venv/bin/python mutants_k8s_exporter.py --list           # the mutants, and which apply
+    .venv/bin/python mutants_k8s_exporter.py --only store     # those whose rule or section matches
+
+Each mutant is a piece of k8s_exporter.py's text and what it becomes: a
+rule broken by a one-line edit (newest wins, stale forgets, an aggregation
+rule, a status code, an escape, ...). Mutants are found by their text, not
+by line numbers, so they survive code moving about; one whose text is no
+longer there (or is there more than once) is reported as not applicable,
+and wants rewriting against the new code.
+
+For each mutant a copy of the project, with the edit made, runs only the
+tests of the sections that speak of the edited rule (the banner sections of
+test_k8s_exporter.py, named in SECTIONS), stopping at the first failure: the
+pass takes minutes, not hours. A mutant that no test fails survives: either
+a test is missing, or the edit changes nothing a user could see (then say
+so in EQUIVALENT, or drop the mutant). Not part of `make test`.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+EXPORTER = HERE / 'k8s_exporter.py'
+TESTS = HERE / 'test_k8s_exporter.py'
+
+# Test sections by banner title, as test_k8s_exporter.py names them now and
+# as the README's order names them (protocol, pod rules, lifecycle,
+# exposition, HTTP, security, operations, end to end). An entry that starts
+# with test_ names the tests whose names start with it.
+CONFIG = ('Configuration', 'Operations')
+PROTOCOL = ('Remote-write decoding', 'Protocol')
+PODS = ('cAdvisor series to pods', 'Real kubelet captures', 'Pod rules',
+        'test_model_pod_cgroup_test_agrees')
+STORE = ('The store', 'Lifecycle')
+EXPOSITION = ('Exposition',)
+HTTP = ('WSGI app', 'HTTP')
+SECURITY = ('Authentication', 'Security')
+PROPERTIES = ('Bad input, property-based',)
+GUNICORN_MALLOC = ('test_the_worker_has_one_malloc_arena', 'test_glibc_takes_every_malloc')
+GUNICORN_STALLS = ('test_a_client_that_stalls_half_way',)
+ENTRY_POINT = ('test_importing_the_module', 'test_bad_environment_stops_gunicorn',
+               'test_python3_k8s_exporter_py')
+
+# (sections whose tests run, the rule the edit breaks, text, what it becomes)
+MUTANTS = [
+    # Configuration.
+    (CONFIG, 'default cluster label', "cluster: str = 'k8s-cluster'",
+     "cluster: str = 'k8s_cluster'"),
+    (CONFIG, 'default TTL', 'ttl_seconds: float = 300.0', 'ttl_seconds: float = 600.0'),
+    (CONFIG, 'numbers must be > 0', 'if not (value > 0 and math.isfinite(value)):',
+     'if not (value >= 0 and math.isfinite(value)):'),
+    (CONFIG, 'numbers must be finite', 'if not (value > 0 and math.isfinite(value)):',
+     'if not (value > 0):'),
+    (CONFIG, 'a set but empty variable is refused', 'if name in environ and not value:',
+     'if False:'),
+    (CONFIG, 'metric names sorted and unique', 'return tuple(sorted(set(names)))',
+     'return tuple(names)'),
+    (CONFIG, 'metric names are checked', 'if not METRIC_NAME_RE.match(metric):',
+     'if not metric:'),
+    (CONFIG, 'listen port range', 'not 0 < int(port) < 65536', 'not 0 < int(port) < 65537'),
+    (SECURITY, 'every secret is compared, any may match',
+     'matched |= hmac.compare_digest(credential, secret)',
+     'matched = hmac.compare_digest(credential, secret)'),
+    (SECURITY, 'auth scheme is case-insensitive', 'scheme = scheme.lower()', 'scheme = scheme'),
+    (SECURITY, 'basic auth lines need a colon', "if b':' not in pair:", 'if not pair:'),
+    (SECURITY, 'an empty secret file is refused', 'if not lines:', 'if lines is None:'),
+    # Protocol: negotiation, limits, decoding.
+    (PROTOCOL + HTTP, 'media type is case-insensitive',
+     "if media_type.strip().lower() != 'application/x-protobuf':",
+     "if media_type.strip() != 'application/x-protobuf':"),
+    (PROTOCOL + HTTP, 'no Content-Type means RW 1.0',
+     'if not content_type:\n        protocol = PROTO_RW1',
+     'if not content_type:\n        protocol = PROTO_RW2'),
+    (PROTOCOL + HTTP, 'no Content-Encoding means snappy', "(content_encoding or 'snappy')",
+     "(content_encoding or 'identity')"),
+    (PROTOCOL + HTTP, 'quoted proto parameter', "protocol = value.strip().strip('\"')",
+     'protocol = value.strip()'),
+    (PROTOCOL + HTTP, 'unsupported Content-Type is 415',
+     "raise RequestError(415, f'unsupported Content-Type",
+     "raise RequestError(400, f'unsupported Content-Type"),
+    (PROTOCOL + HTTP, 'unsupported encoding is 415',
+     "raise RequestError(415, f'unsupported Content-Encoding",
+     "raise RequestError(400, f'unsupported Content-Encoding"),
+    (PROTOCOL + HTTP, 'decoded size limit is inclusive', 'if announced > max_decoded_bytes:',
+     'if announced >= max_decoded_bytes:'),
+    (PROTOCOL + HTTP, 'decoded body over the limit is 413',
+     "raise RequestError(413, f'decoded body of", "raise RequestError(400, f'decoded body of"),
+    (PROTOCOL + HTTP, 'corrupt snappy is 400',
+     "raise RequestError(400, 'corrupt snappy: not a valid snappy block')",
+     "raise RequestError(500, 'corrupt snappy: not a valid snappy block')"),
+    (PROTOCOL + HTTP, 'corrupt protobuf is 400', "raise RequestError(400, f'corrupt protobuf",
+     "raise RequestError(422, f'corrupt protobuf"),
+    (HTTP, 'body size limit is inclusive', 'if length > max_body_bytes:',
+     'if length >= max_body_bytes:'),
+    (HTTP, 'body over the limit is 413', "raise RequestError(413, f'body of",
+     "raise RequestError(400, f'body of"),
+    (HTTP, 'chunked body: one byte past the limit tells over from at',
+     'body = _read(stream, max_body_bytes + 1)', 'body = _read(stream, max_body_bytes)'),
+    (HTTP, 'an empty body is 400', "raise RequestError(400, 'empty body')", 'pass'),
+    (HTTP, 'a short body is 400', 'if len(body) < length:', 'if len(body) < 0:'),
+    (PROTOCOL + HTTP, 'RW2: odd label refs are rejected', 'if len(refs) % 2:', 'if False:'),
+    (PROTOCOL + HTTP, 'RW2: label ref out of range is rejected',
+     'elif refs and max(refs) >= symbol_count:', 'elif refs and max(refs) > symbol_count:'),
+    (PROTOCOL + HTTP, 'RW2: unwanted names are skipped, wanted ones kept',
+     'value_ref not in wanted_refs and symbols[value_ref]',
+     'value_ref in wanted_refs and symbols[value_ref]'),
+    (PROTOCOL, 'RW2: two-byte symbol refs', 'value_ref = (value_ref & 0x7F) | high << 7',
+     'value_ref = (value_ref & 0x7F) | high << 8'),
+    (PROTOCOL, 'varint continuation bit', 'out.append(number & 0x7F | 0x80)',
+     'out.append(number & 0x7F)'),
+    (PROTOCOL + HTTP, 'RW1: a Label with more fields is read whole',
+     'if UnknownFieldSet(series):', 'if False:'),
+    (PROTOCOL + HTTP, 'a series without __name__ is rejected', 'if not name:',
+     'if name is None:'),
+    (PROTOCOL + HTTP, 'a series without labels is rejected', 'if not labels:',
+     'if labels is None:'),
+    (PROTOCOL + HTTP, 'samples of rejected series are not counted as received',
+     'self.samples_total = samples_in_request - self.invalid',
+     'self.samples_total = samples_in_request'),
+    (PROTOCOL + HTTP + STORE, 'stale marker is one NaN bit pattern',
+     'return value != value and _pack_double(value) == STALE_NAN_BYTES',
+     'return value != value'),
+    (HTTP + PROTOCOL, 'long reasons are clipped',
+     "return text if len(text) <= limit else text[:limit] + '...'", 'return text'),
+    # Pod rules.
+    (PODS, 'kubelet >= 1.16 labels', "('namespace', 'pod', 'container'),",
+     "('namespace', 'pod', 'container_name'),"),
+    (PODS, 'a pod needs a namespace too', 'if pod and namespace:', 'if pod:'),
+    (PODS, 'a container series is not the pod cgroup', 'pod_cgroup = not container and (',
+     'pod_cgroup = True and ('),
+    (PODS, 'no id means the pod cgroup', 'not cgroup or POD_CGROUP_SEGMENT_RE',
+     'False or POD_CGROUP_SEGMENT_RE'),
+    (PODS, 'pod cgroup segment ends the id', r"(?:^|-)pod[0-9a-fA-F_-]+(?:\.slice)?\Z')",
+     r"(?:^|-)pod[0-9a-fA-F_-]+(?:\.slice)?')"),
+    (PODS, 'pod cgroup segment starts at a dash', r"(?:^|-)pod[0-9a-fA-F_-]+(?:\.slice)?\Z')",
+     r"(?:^|.)pod[0-9a-fA-F_-]+(?:\.slice)?\Z')"),
+    (PODS, 'incoming cluster label wins', "labels.get('cluster') or default_cluster",
+     'default_cluster'),
+    (PODS, 'job is kept', "labels.get('job', ''), namespace, pod", "'', namespace, pod"),
+    (PODS + EXPOSITION, 'fs limit: sum over devices of the limit',
+     "if metric_name == 'container_fs_limit_bytes':",
+     "if metric_name == 'container_fs_usage_bytes':"),
+    (PODS + EXPOSITION, 'fs usage: sum over containers and devices',
+     "if metric_name.startswith('container_fs_'):",
+     "if metric_name.startswith('container_fs_limit'):"),
+    (PODS, 'a sum of one: -0 is 0', 'return series[0][1] or 0.0', 'return series[0][1]'),
+    (PODS, 'one container series of a pod-cgroup metric',
+     'rule == RULE_POD_CGROUP or not series[0][0].pod_cgroup',
+     'rule != RULE_POD_CGROUP or not series[0][0].pod_cgroup'),
+    (PODS, 'pod cgroup wins over the container sum',
+     'return sum_values(pod_level or [value for _, value in series]) if series else None',
+     'return sum_values([value for _, value in series]) if series else None'),
+    (PODS, 'pod cgroup series are found',
+     'pod_level = [value for key, value in series if key.pod_cgroup]',
+     'pod_level = [value for key, value in series if not key.pod_cgroup]'),
+    (PODS, 'fs rules leave the pod cgroup out',
+     'containers = [(key.device, value) for key, value in series if not key.pod_cgroup]',
+     'containers = [(key.device, value) for key, value in series]'),
+    (PODS, 'fs rules without containers give no value',
+     'if not containers:\n        return None', 'if not containers:\n        return 0.0'),
+    (PODS, 'fs limit: the largest per device', 'value > known or known != known',
+     'value < known or known != known'),
+    (PODS, 'fs limit: NaN loses to a number, as PromQL max', 'value > known or known != known',
+     'value > known'),
+    (PODS, 'fs limit: devices are summed', 'return sum_values(limits.values())',
+     'return max(limits.values())'),
+    (PODS, 'sums are correctly rounded', 'return math.fsum(values)', 'return sum(values)'),
+    (PODS, '+Inf and -Inf sum to NaN', 'except ValueError:        # +Inf and -Inf together\n'
+     '        return math.nan', 'except ValueError:        # +Inf and -Inf together\n'
+     '        return math.inf'),
+    (PODS, 'a sum past 1.8e308 is scaled exactly', '* 2.0 ** -53 for value in values) * 2.0 ** 53',
+     '* 2.0 ** -53 for value in values) * 2.0 ** 52'),
+    # Lifecycle: the store.
+    (STORE, 'newest wins: an equal timestamp is ignored',
+     'if known and timestamp_ms <= old_timestamp:', 'if known and timestamp_ms < old_timestamp:'),
+    (STORE, 'newest wins: an older sample is ignored',
+     'if known and timestamp_ms <= old_timestamp:', 'if False:'),
+    (STORE, 'only the stale marker forgets, not any NaN',
+     'if value != value and _pack_double(value) == STALE_NAN_BYTES:\n                    if known:',
+     'if value != value:\n                    if known:'),
+    (STORE, 'a stale marker forgets the series',
+     'if known:\n                        self._forget(pod, series_key, slots, at)',
+     'if known:\n                        pass'),
+    (STORE, 'series limit: at the limit, new series are refused',
+     'if self._series_count >= self.config.max_series:',
+     'if self._series_count > self.config.max_series:'),
+    (STORE, 'a changed value reaches the output', 'elif value != old_value:', 'elif False:'),
+    (STORE, 'a pod left empty by refused or stale samples is removed',
+     'for pod in created:   # refused or stale-only samples can leave it empty\n'
+     '                if pod.series_count == 0:',
+     'for pod in created:   # refused or stale-only samples can leave it empty\n'
+     '                if pod.series_count < 0:'),
+    (STORE, 'a slot stays while another metric uses it',
+     'if all(received != received for _, _, received in SLOT.iter_unpack(slots)):',
+     'if any(received != received for _, _, received in SLOT.iter_unpack(slots)):'),
+    (STORE, 'a pod without series disappears',
+     'if pod.series_count == 0:\n            self._remove_pod(pod)',
+     'if pod.series_count < 0:\n            self._remove_pod(pod)'),
+    (STORE + EXPOSITION, 'a write that changes the output bumps the version',
+     'if changed:\n                self._version += 1', 'if False:\n                pass'),
+    (STORE, 'expiry that changes the output bumps the version',
+     'if changed:\n                    self._version += 1', 'if False:\n                    pass'),
+    (STORE, 'stale forgets after the TTL', 'cutoff = now - self.config.ttl_seconds',
+     'cutoff = now - 2 * self.config.ttl_seconds'),
+    (STORE, 'expiry forgets the old, not the new', 'if received < cutoff:',
+     'if received > cutoff:'),
+    (STORE, 'series limit warning at most once a minute',
+     'received >= self._limit_warned_at + LIMIT_WARNING_INTERVAL_SECONDS',
+     'received >= self._limit_warned_at'),
+    (STORE + EXPOSITION, 'pods in output order',
+     'index = bisect.bisect_left(self._pod_keys, pod_key)', 'index = len(self._pod_keys)'),
+    (STORE + EXPOSITION, 'a value is redone when its bits change, not only its ==',
+     '_pack_double(value) == _pack_double(old)', 'value == old'),
+    # Exposition.
+    (EXPOSITION, 'label values: backslash escaped first',
+     "value = value.replace('\\\\', '\\\\\\\\').replace('\"', '\\\\\"')",
+     "value = value.replace('\"', '\\\\\"').replace('\\\\', '\\\\\\\\')"),
+    (EXPOSITION, 'label values: a lone newline is escaped',
+     "if '\\\\' in value or '\"' in value or '\\n' in value:",
+     "if '\\\\' in value or '\"' in value:"),
+    (EXPOSITION, 'label values: a lone quote is escaped',
+     "if '\\\\' in value or '\"' in value or '\\n' in value:",
+     "if '\\\\' in value or '\\n' in value:"),
+    (EXPOSITION, 'HELP escapes backslash',
+     "return text.replace('\\\\', '\\\\\\\\').replace('\\n', '\\\\n')",
+     "return text.replace('\\n', '\\\\n')"),
+    (EXPOSITION, 'HELP leaves quotes alone',
+     "return text.replace('\\\\', '\\\\\\\\').replace('\\n', '\\\\n')",
+     "return text.replace('\\\\', '\\\\\\\\').replace('\\n', '\\\\n').replace('\"', '\\\\\"')"),
+    (EXPOSITION, 'HELP text is escaped', '{escape_help(metric_help(name))}',
+     '{metric_help(name)}'),
+    (EXPOSITION, 'pod labels are escaped', 'map(escape_label_value, pod)', 'iter(pod)'),
+    (EXPOSITION, 'Go float: exponent form below 1e-4', 'if exp < -4 or exp >= 6:',
+     'if exp < -5 or exp >= 6:'),
+    (EXPOSITION, 'Go float: exponent form from 1e+06', 'if exp < -4 or exp >= 6:',
+     'if exp < -4 or exp > 6:'),
+    (EXPOSITION, 'Go float: integers from 1e6 in exponent form', 'if -1e6 < value < 1e6:',
+     'if -1e6 < value <= 1e6:'),
+    (EXPOSITION, 'Go float: two exponent digits', '{abs(exp):02d}', '{abs(exp)}'),
+    (EXPOSITION, 'Go float: -0', "return '-0' if value == 0 and math.copysign(1, value) < 0",
+     "return '0' if value == 0 and math.copysign(1, value) < 0"),
+    (EXPOSITION, 'Go float: NaN', "return 'NaN'", "return 'nan'"),
+    (EXPOSITION, 'a family without series is not shown', 'if pieces:', 'if True:'),
+    (EXPOSITION + ('test_metrics_variable_replaces',), 'unknown metrics get a generic HELP',
+     "f'cAdvisor {name}, one value per pod'", "f'cAdvisor {name}'"),
+    (EXPOSITION + HTTP, 'gzip only when accepted',
+     "return params.replace(' ', '') not in ('q=0',", "return params.replace(' ', '') in ('q=0',"),
+    (EXPOSITION + HTTP, 'the gzip cache follows the store',
+     'if gzip_version != snapshot.version:', 'if gzip_version is None:'),
+    (EXPOSITION + HTTP, 'the plain cache follows the store',
+     'unchanged = self._version == known_version', 'unchanged = known_version is not None'),
+    (EXPOSITION, 'self-metric: pods', "[('', snapshot.pod_count)]",
+     "[('', snapshot.series_count)]"),
+    (EXPOSITION + HTTP + STORE, 'self-metric: out-of-order samples',
+     "self.counters.ignored['out_of_order'] += ignored",
+     "self.counters.ignored['out_of_order'] += 0"),
+    (EXPOSITION + HTTP, 'self-metric: samples without a pod',
+     "counters.ignored['no_pod'] += decoded.no_pod", "counters.ignored['no_pod'] += 0"),
+    (EXPOSITION + HTTP + STORE, 'self-metric: stale markers are one NaN',
+     'if is_stale_marker(sample.value))', 'if sample.value != sample.value)'),
+    (EXPOSITION + HTTP, 'self-metric: last success only for a write applied whole',
+     'if not decoded.bad_series and not refused:', 'if not refused:'),
+    (EXPOSITION + HTTP, 'self-metric: the +Inf bucket counts every write',
+     "buckets.append(('{le=\"+Inf\"}', counters.write_duration_count))",
+     "buckets.append(('{le=\"+Inf\"}', 0))"),
+    (EXPOSITION + HTTP, 'self-metric: requests by status code',
+     'key = (handler, str(status))', "key = (handler, '200')"),
+    # HTTP.
+    (HTTP, 'a write applied is 204', 'response = (204, [], [])', 'response = (200, [], [])'),
+    (HTTP, 'an unknown path is 404', "text_response(404, 'not found",
+     "text_response(400, 'not found"),
+    (HTTP, 'a wrong method is 405 with Allow', "[('Allow', ', '.join(methods))]", '[]'),
+    (HTTP, 'HEAD has no body', "return [] if environ['REQUEST_METHOD'] == 'HEAD' else chunks",
+     'return chunks'),
+    (HTTP, 'RW2 answers carry the written headers',
+     'if protocol == PROTO_RW2:\n            # Remote-write 2.0 spec',
+     'if protocol == PROTO_RW1:\n            # Remote-write 2.0 spec'),
+    (HTTP, 'RW2 samples written leave out the refused', 'written = decoded.samples_total - refused',
+     'written = decoded.samples_total'),
+    (HTTP, 'invalid series are 400', "raise RequestError(400, f'{decoded.bad_series} invalid",
+     "raise RequestError(422, f'{decoded.bad_series} invalid"),
+    (HTTP + STORE, 'samples over the series limit are 400',
+     "raise RequestError(400, f'{refused} samples of new series refused",
+     "raise RequestError(429, f'{refused} samples of new series refused"),
+    (HTTP, 'a fault of ours is 500', "text_response(500, 'internal error",
+     "text_response(503, 'internal error"),
+    (HTTP, 'decodes are bounded by the slots', 'with self.decode_slots:',
+     'with threading.Lock():'),
+    (HTTP + EXPOSITION, 'metrics Content-Length covers every chunk',
+     "headers.append(('Content-Length', str(sum(map(len, chunks)))))",
+     "headers.append(('Content-Length', str(len(chunks[0]))))"),
+    (HTTP, 'reason phrase of 413', "413: 'Content Too Large'", "413: 'Payload Too Large'"),
+    (HTTP, 'reason phrase of 204', "204: 'No Content'", "204: 'OK'"),
+    (SECURITY, 'wrong credentials are 401',
+     "elif credentials and not credentials.allow(environ.get('HTTP_AUTHORIZATION', '')):",
+     "elif credentials and not environ.get('HTTP_AUTHORIZATION', ''):"),
+    (SECURITY, '401 carries the challenge', 'credentials.challenge())', '[])'),
+    # Entry point and serving.
+    (GUNICORN_MALLOC, 'one malloc arena', '(_M_ARENA_MAX, MALLOC_ARENAS),',
+     '(_M_ARENA_MAX, 8),'),
+    (GUNICORN_MALLOC, 'glibc takes the keep-free size',
+     'MALLOC_KEEP_FREE_BYTES = 32 * MiB', 'MALLOC_KEEP_FREE_BYTES = 64 * MiB'),
+    (GUNICORN_STALLS, 'stalled clients are cut off',
+     'listening_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)', 'pass'),
+    (ENTRY_POINT, 'a bad environment exits 4', 'sys.exit(EXIT_CONFIG_ERROR)', 'sys.exit(1)'),
+    (ENTRY_POINT, 'python3 k8s_exporter.py serves on K8S_EXPORTER_LISTEN',
+     "'--bind', config.listen,", "'--bind', '127.0.0.1:9201',"),
+]
+
+# Mutants that change nothing a user can see, with the reason: their
+# survival does not count against the score.
+EQUIVALENT = {
+    'a value is redone when its bits change, not only its ==':
+        'pod values are never -0.0 (sums and the one-series path give 0.0), and a NaN '
+        'redone prints the same NaN: comparing bits only saves work',
+    'glibc takes the keep-free size':
+        'glibc 2.36 takes an mmap threshold of 64 MiB; test_glibc_takes_every_malloc_setting '
+        'fails where a glibc caps it at 32 MiB',
+    'varint continuation bit':
+        'only the RW2 fast path encodes with it, the __name__ ref it looks for: a wrong '
+        'prefix matches no series, which then take the full path to the same samples',
+    'HELP text is escaped':
+        'no HELP text written holds a backslash or newline: the seed\'s texts, and metric '
+        'names, which K8S_EXPORTER_METRICS checks; escape_help has its own test',
+}
+
+
+###############################################################################
+# Running the tests of a mutant ###############################################
+###############################################################################
+
+def test_sections(text):
+    """{banner title: [test function names]} of the test file, in file order."""
+    sections, title = {}, None
+    lines = text.splitlines()
+    for number, line in enumerate(lines[1:], 1):
+        if line.startswith('# ') and line.endswith('###') and lines[number - 1].startswith('###'):
+            title = line[2:].rstrip('#').strip()
+            sections.setdefault(title, [])
+        match = re.match(r'def (test_\w+)\(', line)
+        if match and title is not None:
+            sections[title].append(match.group(1))
+    return sections
+
+
+def select_tests(sections, wanted):
+    """The test names of the wanted sections (titles, case-insensitive, or test_ prefixes)."""
+    titles = {title.lower(): names for title, names in sections.items()}
+    every = [name for names in sections.values() for name in names]
+    selected = []
+    for entry in wanted:
+        if entry.startswith('test_'):
+            selected += [name for name in every if name.startswith(entry)]
+        else:
+            selected += titles.get(entry.lower(), [])
+    return list(dict.fromkeys(selected))
+
+
+def apply_mutant(source, text, replacement):
+    """The mutated source, or None where text is not there exactly once."""
+    if source.count(text) != 1:
+        return None
+    return source.replace(text, replacement)
+
+
+class Workspace:
+    """A copy of the project beside ../shared, where one k8s_exporter.py is tried at a time."""
+
+    def __init__(self):
+        self.root = Path(tempfile.mkdtemp(prefix='k8s-exporter-mutants-'))
+        self.project = self.root / HERE.name
+        shutil.copytree(HERE, self.project, symlinks=True, ignore=shutil.ignore_patterns(
+            '.venv', '.git', '__pycache__', '.pytest_cache', '.ruff_cache', '.hypothesis'))
+        (self.root / 'shared').symlink_to((HERE.parent / 'shared').resolve())
+
+    def run(self, source, tests, timeout):
+        """Run the tests against source: ('passed' | 'failed' | 'error' | 'timeout', detail)."""
+        (self.project / EXPORTER.name).write_text(source)
+        command = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
+                   '--no-header', '-rf', '--tb=no',
+                   *(f'{TESTS.name}::{name}' for name in tests)]
+        env = {**os.environ, 'PYTHONDONTWRITEBYTECODE': '1'}
+        process = subprocess.Popen(command, cwd=self.project, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   start_new_session=True, preexec_fn=hear_sigint)
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as error:
+            stop_group(process)
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            return 'timeout', f'over {timeout:.0f} s'
+        failed = re.search(r'^FAILED \S+::(\S+)', output, re.M)
+        if process.returncode == 0:
+            return 'passed', ''
+        if process.returncode == 1 and failed:
+            return 'failed', failed.group(1)
+        return 'error', (output.strip().splitlines() or [''])[-1][:100]
+
+    def remove(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def hear_sigint():
+    """Before the tests' Python starts: SIGINT back to its default, which
+    Python turns into Ctrl-C, where this pass runs as a background job that
+    ignores SIGINT (and would pass that on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def stop_group(process):
+    """SIGINT, so that the tests' finally blocks stop their servers; SIGKILL after a minute."""
+    with_signal = [signal.SIGINT, signal.SIGKILL]
+    for sig, wait_seconds in zip(with_signal, (60, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait_seconds)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+###############################################################################
+# The pass ####################################################################
+###############################################################################
+
+def plan(source, sections, only):
+    """(number, sections, rule, mutated source or None, tests) per mutant."""
+    rows = []
+    for number, (wanted, rule, text, replacement) in enumerate(MUTANTS, 1):
+        if only and not any(only.lower() in part.lower() for part in (rule, *wanted)):
+            continue
+        rows.append((number, wanted, rule, apply_mutant(source, text, replacement),
+                     select_tests(sections, wanted)))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--list', action='store_true', help='list the mutants and exit')
+    parser.add_argument('--only', default='', help='mutants whose rule or section holds this')
+    parser.add_argument('--timeout', type=float, default=900,
+                        help='seconds for the tests of one mutant (default 900)')
+    args = parser.parse_args(argv)
+    source = EXPORTER.read_text()
+    sections = test_sections(TESTS.read_text())
+    rows = plan(source, sections, args.only)
+    if args.list:
+        for number, _, rule, mutated, tests in rows:
+            state = 'n/a: text not found once' if mutated is None else f'{len(tests)} tests'
+            print(f'{number:3d}  {rule:<60}  {state}')
+        return 0
+    # SIGTERM takes the way out of Ctrl-C, so the tests' servers are stopped
+    # and the copy removed (a background job may ignore SIGINT).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    workspace = Workspace()
+    results = []
+    started = time.monotonic()
+    try:
+        print('baseline: the selected tests against k8s_exporter.py as it is', flush=True)
+        every = list(dict.fromkeys(name for *_, tests in rows for name in tests))
+        outcome, detail = workspace.run(source, every, args.timeout)
+        if outcome != 'passed':
+            print(f'baseline {outcome}: {detail}; fix that first', file=sys.stderr)
+            return 1
+        print(f'baseline passed ({len(every)} tests, {time.monotonic() - started:.0f} s)\n'
+              f'{"#":>3}  {"rule":<60}  {"result":<9}  {"s":>4}  caught by', flush=True)
+        for number, wanted, rule, mutated, tests in rows:
+            mutant_started = time.monotonic()
+            if mutated is None:
+                outcome, detail = 'n/a', 'text not found once in k8s_exporter.py'
+            elif not tests:
+                outcome, detail = 'n/a', f'no test section {" / ".join(wanted)}'
+            else:
+                outcome, detail = workspace.run(mutated, tests, args.timeout)
+            result = {'passed': 'SURVIVED', 'failed': 'killed', 'error': 'killed',
+                      'timeout': 'killed'}.get(outcome, outcome)
+            if result == 'SURVIVED' and rule in EQUIVALENT:
+                result, detail = 'equiv', EQUIVALENT[rule]
+            elif outcome in ('error', 'timeout'):
+                detail = f'({outcome}) {detail}'
+            results.append((number, rule, result, detail))
+            print(f'{number:3d}  {rule:<60}  {result:<9}  '
+                  f'{time.monotonic() - mutant_started:4.0f}  {detail}', flush=True)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+    finally:
+        workspace.remove()
+    counted = [row for row in results if row[2] in ('killed', 'SURVIVED')]
+    killed = sum(1 for row in counted if row[2] == 'killed')
+    survived = [row for row in counted if row[2] == 'SURVIVED']
+    not_applicable = sum(1 for row in results if row[2] == 'n/a')
+    print(f'\nscore: {killed}/{len(counted)} mutants killed'
+          f'{f" ({killed / len(counted):.0%})" if counted else ""}; '
+          f'{not_applicable} not applicable, '
+          f'{sum(1 for row in results if row[2] == "equiv")} equivalent; '
+          f'{time.monotonic() - started:.0f} s')
+    for number, rule, *_ in survived:
+        print(f'  survived: {number} {rule}')
+    return 1 if survived else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
