@@ -1984,13 +1984,17 @@ def test_self_metrics_follow_the_pod_families_as_the_seed_shows():
         ('k8s_exporter_http_requests_total', (('code', '204'), ('handler', 'write'))): 1,
         ('k8s_exporter_http_requests_total', (('code', '400'), ('handler', 'write'))): 1,
         ('k8s_exporter_http_requests_total', (('code', '404'), ('handler', 'unknown'))): 1,
-        ('k8s_exporter_samples_received_total', ()): len(seed_table()),
+        ('k8s_exporter_samples_received_total', ()): len(seed_table()) + 1,
         ('k8s_exporter_samples_ignored_total', (('reason', 'unexported_metric'),)): 1,
         ('k8s_exporter_samples_ignored_total', (('reason', 'no_pod'),)): 1,
         ('k8s_exporter_samples_ignored_total', (('reason', 'invalid_series'),)): 1,
+        ('k8s_exporter_samples_ignored_total', (('reason', 'future_timestamp'),)): 0,
         ('k8s_exporter_input_series', ()): 25,
         ('k8s_exporter_pods', ()): 5,
         ('k8s_exporter_write_duration_seconds_count', ()): 2,
+        ('k8s_exporter_write_requests_total', (('result', 'applied'),)): 1,
+        ('k8s_exporter_write_requests_total', (('result', 'partial'),)): 0,
+        ('k8s_exporter_write_requests_total', (('result', 'refused'),)): 1,
     }
     assert {key: samples[key] for key in expected} == expected
     assert samples[('k8s_exporter_last_write_success_timestamp_seconds', ())] == (
@@ -2036,7 +2040,7 @@ def test_rw2_success_always_sends_the_written_headers_counting_unexported_sample
         'X-Prometheus-Remote-Write-Exemplars-Written': '0'}
 
 
-def test_rw2_histograms_and_exemplars_are_accepted_and_ignored():
+def test_rw2_histograms_and_exemplars_are_accepted_ignored_and_counted_as_written():
     request = remote_pb2.WriteRequestV2()
     request.MergeFromString(snappy.uncompress(rw2_body(seed_table()[:1])))
     # Field 3 (histograms) and 4 (exemplars) of TimeSeries: unknown here.
@@ -2046,7 +2050,8 @@ def test_rw2_histograms_and_exemplars_are_accepted_and_ignored():
                                    {'Content-Type': RW2_TYPE})
     assert status == 204
     assert headers['X-Prometheus-Remote-Write-Samples-Written'] == '1'
-    assert headers['X-Prometheus-Remote-Write-Histograms-Written'] == '0'
+    assert headers['X-Prometheus-Remote-Write-Histograms-Written'] == '1'
+    assert headers['X-Prometheus-Remote-Write-Exemplars-Written'] == '1'
 
 
 def test_metadata_only_rw1_request_is_accepted():
@@ -2066,9 +2071,10 @@ def test_empty_write_request_is_accepted():
     (b'junk', {'Content-Encoding': 'gzip'}, (415, "unsupported Content-Encoding 'gzip'; "
                                                   "expected snappy")),
     (b'\x05junk', {}, (400, 'corrupt snappy: not a valid snappy block')),
-    (snappy.compress(b'\xff\xff\xff'), {}, (400, 'corrupt protobuf: Error parsing message')),
+    (snappy.compress(b'\xff\xff\xff'), {},
+     (400, 'corrupt protobuf: not a remote-write 1.0 request')),
     (snappy.compress(b'\x0a\x02\x0a\x00\x0a\x02'), {'Content-Type': RW2_TYPE},
-     (400, 'corrupt protobuf: Error parsing message')),
+     (400, 'corrupt protobuf: not a remote-write 2.0 request')),
     (b'', {}, (400, 'empty body')),
 ])
 def test_bad_bodies_get_a_4xx_with_a_one_line_reason(body, headers, expected):
@@ -2076,12 +2082,31 @@ def test_bad_bodies_get_a_4xx_with_a_one_line_reason(body, headers, expected):
     assert (status, reason[:len(expected[1])]) == expected
 
 
-@pytest.mark.parametrize('build, content_type', [(rw1_body, RW1_TYPE), (rw2_body, RW2_TYPE)])
-def test_invalid_utf8_in_an_exported_series_is_corrupt_protobuf(build, content_type):
-    payload = build([(cadvisor(MEMORY, 'ns', 'pod-xxxx'), [(1, 1)])], compress=False)
-    raw = payload.replace(b'pod-xxxx', b'pod-\xff\xfe\xfd\xfc')
-    status, reason = rejection(fresh_app(), snappy.compress(raw), {'Content-Type': content_type})
-    assert (status, reason.split(':')[0]) == (400, 'corrupt protobuf')
+@pytest.mark.parametrize('protocol', [1, 2])
+def test_bytes_that_are_not_utf8_refuse_only_their_series(protocol):
+    """A sender's bad bytes cost that series alone: the request is 400 with
+    the rest applied, and an unexported series never fails at all."""
+    table = [(cadvisor(MEMORY, 'ns', 'pod-xxxx'), [(1, 1)]),       # exported, bad bytes
+             (cadvisor(MEMORY, 'ns', 'good'), [(2, 1)]),
+             ({'__name__': 'node_load1', 'host': 'host-yyyy'}, [(3, 1)])]   # unexported
+    payload = (rw1_body if protocol == 1 else rw2_body)(table, compress=False)
+    for text in (b'pod-xxxx', b'host-yyyy'):
+        payload = payload.replace(text, text[:-4] + b'\xff\xfe\xfd\xfc')
+    app = fresh_app()
+    status, headers, body = call_wsgi(app, 'POST', '/write', snappy.compress(payload),
+                                      {'Content-Type': RW1_TYPE if protocol == 1 else RW2_TYPE})
+    assert (status, one_line_reason(status, headers, body)) == (
+        400, '1 invalid series skipped, first: series of container_memory_usage_bytes with a '
+             'label that is not valid UTF-8; the rest was applied')
+    assert headers.get('X-Prometheus-Remote-Write-Samples-Written') == (
+        None if protocol == 1 else '2')
+    assert memory_of(app, 'good') == 2
+    assert memory_of(app, 'pod-xxxx') is None
+    status, headers, _ = call_wsgi(app, 'POST', '/write', snappy.compress(
+        (rw1_body if protocol == 1 else rw2_body)(table[2:], compress=False).replace(
+            b'host-yyyy', b'host-\xff\xfe\xfd\xfc')),
+        {'Content-Type': RW1_TYPE if protocol == 1 else RW2_TYPE})
+    assert status == 204
 
 
 def test_a_label_with_fields_beyond_name_and_value_is_still_read():
@@ -2320,7 +2345,8 @@ sample_value = st.one_of(
     st.integers(-2 ** 53, 2 ** 53).map(float))
 EXTREME_VALUES = [math.inf, -math.inf, 1.7976931348623157e308, -1.7976931348623157e308, 1e308,
                   math.nan, STALE_NAN]
-sample_timestamp = st.one_of(st.integers(0, 4), st.integers(-2 ** 63, 2 ** 63 - 1))
+# Up to 2004: samples stamped ahead of the clock are refused (their own test).
+sample_timestamp = st.one_of(st.integers(0, 4), st.integers(-2 ** 63, 2 ** 40))
 CGROUPS = ['/', '/kubepods/burstable/pod0a1b-2c3d', '/kubepods/burstable/pod0a1b-2c3d/4e5f',
            '/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b_2c3d.slice',
            '/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b_2c3d.slice/'
