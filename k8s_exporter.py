@@ -440,21 +440,43 @@ class RemoteWriteDecoder:
         decoded = DecodedWrite(samples=[], histograms=len(tally.histograms),
                                exemplars=len(tally.exemplars))
         symbol_count = len(symbols)
-        skip = None
+        find_name = None
         if self.fast_paths and '__name__' in symbols:
-            excluded = tuple(ref for ref, symbol in enumerate(symbols)
-                             if not symbol or symbol in self.wanted)
-            skip = rw2_skip_pattern(symbol_count, symbols.index('__name__'), excluded)
+            find_name = rw2_name_pattern(symbols.index('__name__'))
+            # Refs whose symbol the full path would read on: empty (no name)
+            # or a wanted name.
+            read = {ref for ref, symbol in enumerate(symbols)
+                    if not symbol or symbol in self.wanted}
         for raw in request.timeseries:
-            # The labels_refs field first, with a one-byte length: the shape
-            # every encoder writes (others take the full path).
-            if (skip is not None and len(raw) > 2 and raw[0] == 0x0A and raw[1] < 0x80
-                    and skip(raw, 2, 2 + raw[1])):
-                continue
+            # The labels_refs field first with a one-byte length, as every
+            # encoder writes it (others take the full path): a series whose
+            # name is neither empty nor wanted is dropped unread.
+            if find_name is not None and len(raw) > 2 and raw[0] == 0x0A and raw[1] < 0x80:
+                end = 2 + raw[1]
+                found = find_name(raw, 2, end)
+                if found is not None:
+                    at = found.end()
+                    value = raw[at] if at < end else 0
+                    if value >= 0x80:
+                        high = raw[at + 1] if at + 1 < end else 0x80
+                        value = (value & 0x7F) | high << 7 if high < 0x80 else 0
+                    if value not in read:
+                        continue
             series = remote_pb2.TimeSeriesV2.FromString(raw)
             refs = series.labels_refs
+            name = None
+            for at in range(0, len(refs) - 1, 2):
+                if refs[at] < symbol_count and symbols[refs[at]] == '__name__':
+                    name = refs[at + 1]
+            # As the fast path: a series of a metric not exported is not read
+            # further (a name ref out of range names no exported metric).
+            if name is not None and (name >= symbol_count or symbols[name]
+                                     and symbols[name] not in self.wanted):
+                continue
             if not refs:
                 reason = 'series with no labels'
+            elif name is None or not symbols[name]:
+                reason = 'series with no __name__ label'
             elif len(refs) % 2:
                 reason = 'series with an odd number of label refs'
             elif max(refs) >= symbol_count:
@@ -551,46 +573,25 @@ def rw1_skip_pattern(wanted_names):
     wanted = b'|'.join(re.escape(bytes([len(name)]) + name)
                        for name in sorted(name.encode() for name in wanted_names)
                        if len(name) < 0x80)
-    # The lookbehind keeps "\x0a\x08__name__\x12" a literal prefix, which
-    # re finds with a fast search.
-    return re.compile(rb'(?<=\x0a[\x0d-\x7f])\x0a\x08__name__\x12(?!' + (wanted or rb'\A')
+    # Not a lookbehind for the Label's tag: re then tries every position,
+    # at 1.1 us a series instead of 0.45.
+    return re.compile(rb'\x0a[\x0d-\x7f]\x0a\x08__name__\x12(?!' + (wanted or rb'\A')
                       + rb')[\x01-\x7f]', re.DOTALL).search
 
 
-@functools.lru_cache(maxsize=64)
-def rw2_skip_pattern(symbol_count, name_ref, excluded_refs):
-    """match(raw, start, end) true for a RW 2.0 series that can be dropped unread.
+@functools.lru_cache(maxsize=16)
+def rw2_name_pattern(name_ref):
+    """match(raw, start, end) of a RW 2.0 series' labels_refs up to the value
+    ref of its __name__ pair, in any place among the pairs and at any width
+    of the refs; None without such a pair.
 
-    Given a series' packed labels_refs (raw[start:end]), it holds when every
-    ref is in range, they pair up, and a pair names __name__ with a value
-    that is neither empty nor a wanted name (excluded_refs): what the full
-    path would accept without reading further, in any label order and at
-    any width of the refs. Built per symbol table; requests of one sender
-    often share it.
+    Made per ref of "__name__" (nearly always 1), not per request: a pattern
+    holding the request's wanted refs took ~300 us to compile, a tenth of
+    the request.
     """
-    ref = _varint_below(symbol_count)
-    value = (rb'(?!' + b'|'.join(re.escape(_varint(excluded)) for excluded in excluded_refs)
-             + rb')' if excluded_refs else b'') + ref
-    pair = rb'(?:' + ref + ref + rb')'
-    return re.compile(pair + rb'*?' + re.escape(_varint(name_ref)) + value + pair + rb'*\Z',
+    varint = rb'[\x80-\xff]*[\x00-\x7f]'
+    return re.compile(rb'(?:' + varint + varint + rb')*?' + re.escape(_varint(name_ref)),
                       re.DOTALL).match
-
-
-def _varint_below(limit):
-    """A regex for the shortest varint encodings of the integers 0 .. limit-1."""
-    if limit <= 0x80:
-        return rb'[\x00-%s]' % re.escape(bytes([limit - 1]))
-    high, low = divmod(limit, 0x80)
-    # Shortest form: a one-byte number, or a low 7 bits (continued) then the
-    # rest, itself at least 1: either below `high` with any low bits, or
-    # equal to `high` with low bits below `low`.
-    options = [rb'[\x00-\x7f]']
-    if high > 1:
-        options.append(rb'[\x80-\xff](?!\x00)' + _varint_below(high))
-    if low:
-        options.append(rb'[\x80-%s]' % re.escape(bytes([0x80 + low - 1]))
-                       + re.escape(_varint(high)))
-    return rb'(?:' + b'|'.join(options) + rb')'
 
 
 def _varint(number):
