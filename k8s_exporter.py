@@ -460,7 +460,7 @@ class RemoteWriteDecoder:
                     if value >= 0x80:
                         high = raw[at + 1] if at + 1 < end else 0x80
                         value = (value & 0x7F) | high << 7 if high < 0x80 else 0
-                    if value not in read:
+                    if value not in read and value < symbol_count:
                         continue
             series = remote_pb2.TimeSeriesV2.FromString(raw)
             refs = series.labels_refs
@@ -469,18 +469,18 @@ class RemoteWriteDecoder:
                 if refs[at] < symbol_count and symbols[refs[at]] == '__name__':
                     name = refs[at + 1]
             # As the fast path: a series of a metric not exported is not read
-            # further (a name ref out of range names no exported metric).
-            if name is not None and (name >= symbol_count or symbols[name]
-                                     and symbols[name] not in self.wanted):
+            # further.
+            if (name is not None and name < symbol_count and symbols[name]
+                    and symbols[name] not in self.wanted):
                 continue
             if not refs:
                 reason = 'series with no labels'
-            elif name is None or not symbols[name]:
-                reason = 'series with no __name__ label'
             elif len(refs) % 2:
                 reason = 'series with an odd number of label refs'
             elif max(refs) >= symbol_count:
                 reason = f'label ref out of range of {symbol_count} symbols'
+            elif name is None or not symbols[name]:
+                reason = 'series with no __name__ label'
             else:
                 pairs = iter(refs)
                 labels = {symbols[name]: symbols[value] for name, value in zip(pairs, pairs)}
