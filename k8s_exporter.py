@@ -1492,10 +1492,18 @@ def read_body(environ, max_body_bytes):
 def _read(stream, size):
     try:
         return stream.read(size)
-    except OSError:
+    except (TimeoutError, BlockingIOError):
         # The receive timeout set on gunicorn's sockets (RECEIVE_TIMEOUT_SECONDS)
         # ends a client that stopped sending half way.
         raise RequestError(408, 'request body not received in time') from None
+    except OSError:
+        # gunicorn's NoMoreData: the connection ended inside the body.
+        raise RequestError(400, 'request body ended early') from None
+    except Exception:
+        # The server's own parse errors (gunicorn.http.errors.InvalidChunkSize,
+        # ChunkMissingTerminator, ...) are the client's fault: a 400, not a
+        # traceback and a 500. They cannot be named without importing gunicorn.
+        raise RequestError(400, 'malformed chunked request body') from None
 
 
 def accepts_gzip(accept_encoding):

@@ -17,6 +17,7 @@ hypothesis searches.
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import gzip
 import http.client
@@ -1638,6 +1639,286 @@ def test_pod_series_identity_gives_legacy_unlabelled_pod_cgroup_no_pod():
                               _id_matches(rf'/kubepods/burstable/pod{UID}'))
     assert not {'pod_name', 'namespace', 'container_name'} & set(unlabelled)
     assert identity_of(unlabelled) is None
+
+
+###############################################################################
+# Every sender: compliance, bytes, clocks #####################################
+###############################################################################
+
+# The receiver cases of prometheus/compliance (remotewrite/receiver), as that
+# suite builds them: labels in Go map order (so not sorted), one sample a
+# series stamped now, 2xx answers carrying exact Written counts.
+
+def compliance_body(series, protocol=2, order=reversed):
+    """A snappy body from [(labels, value, extras)], labels in the given order.
+
+    extras: histograms (encoded Histogram messages), exemplars and metadata
+    of a 2.0 series, as a dict of lists of bytes.
+    """
+    now_ms = time.time_ns() // 10**6
+    if protocol == 1:
+        request = remote_pb2.WriteRequest()
+        for labels, value, _ in series:
+            item = request.timeseries.add()
+            for name in order(list(labels)):
+                item.labels.add(name=name, value=labels[name])
+            item.samples.add(value=value, timestamp=now_ms)
+        return snappy.compress(request.SerializeToString())
+    symbols, encoded = [''], []
+    refs = {'': 0}
+
+    def ref(text):
+        if text not in refs:
+            refs[text] = len(symbols)
+            symbols.append(text)
+        return refs[text]
+
+    for labels, value, extras in series:
+        item = remote_pb2.TimeSeriesV2()
+        for name in order(list(labels)):
+            item.labels_refs.extend([ref(name), ref(labels[name])])
+        if value is not None:
+            item.samples.add(value=value, timestamp=now_ms)
+        item.histograms.extend(extras.get('histograms', []))
+        item.exemplars.extend(extras.get('exemplars', []))
+        item.metadata = extras.get('metadata', b'')
+        encoded.append(item.SerializeToString())
+    return snappy.compress(remote_pb2.WriteRequestV2SymbolBytes(
+        symbols=[text.encode() for text in symbols], timeseries=encoded).SerializeToString())
+
+
+UP = {'__name__': 'up', 'job': 'testjob', 'instance': 'localhost:9090'}
+# Histogram{count_int: 1, zero_count_int: 1, timestamp}, Exemplar{value: 1}.
+HISTOGRAM = b'\x08\x01\x30\x01\x78\x01'
+EXEMPLAR = b'\x11' + struct.pack('<d', 1.0)
+SPECIAL_VALUES = {'one': 1.0, 'stale_nan': STALE_NAN, 'nan': math.nan, 'inf': math.inf,
+                  '-inf': -math.inf}
+NO_EXTRAS = {}
+
+# id, series, headers, status, (samples, histograms, exemplars) written
+COMPLIANCE_CASES = [
+    ('json', [(UP, 1.0, NO_EXTRAS)], {'Content-Type': 'application/json'}, 415, (0, 0, 0)),
+    ('png', [(UP, 1.0, NO_EXTRAS)], {'Content-Type': 'image/png'}, 415, (0, 0, 0)),
+    ('gzip', [(UP, 1.0, NO_EXTRAS)], {'Content-Encoding': 'gzip'}, 415, (0, 0, 0)),
+    ('deflate', [(UP, 1.0, NO_EXTRAS)], {'Content-Encoding': 'deflate'}, 415, (0, 0, 0)),
+    ('simple', [({'__name__': 'up'}, 1.0, NO_EXTRAS)], {}, 204, (1, 0, 0)),
+    ('job_instance', [(UP, 1.0, NO_EXTRAS)], {}, 204, (1, 0, 0)),
+    ('newlines', [({**UP, 'job': 'test\njob\n'}, 1.0, NO_EXTRAS)], {}, 204, (1, 0, 0)),
+    ('dots', [({'__name__': 'resource.cpu.usage', 'job.name': 'testjob',
+                'instance.name': 'localhost:9090'}, 1.0, NO_EXTRAS)], {}, 204, (1, 0, 0)),
+    ('spaces', [({'__name__': 'resource cpu usage', 'job name': 'testjob',
+                  'instance name': 'localhost:9090'}, 1.0, NO_EXTRAS)], {}, 204, (1, 0, 0)),
+    *((f'value_{name}', [(UP, value, NO_EXTRAS)], {}, 204, (1, 0, 0))
+      for name, value in SPECIAL_VALUES.items()),
+    ('no_name', [({'job': 'testjob', 'instance': 'localhost:9090'}, 1.0, NO_EXTRAS)], {},
+     400, (0, 0, 0)),
+    ('empty_name', [({'__name__': ''}, 1.0, NO_EXTRAS)], {}, 400, (0, 0, 0)),
+    ('no_labels', [({}, 1.0, NO_EXTRAS)], {}, 400, (0, 0, 0)),
+    ('four', [({**UP, 'instance': f'localhost:909{n}'}, 1.0, NO_EXTRAS) for n in range(4)],
+     {}, 204, (4, 0, 0)),
+    ('four_without_name', [({'job': 'testjob', 'instance': f'localhost:909{n}'}, 1.0,
+                            NO_EXTRAS) for n in range(4)], {}, 400, (0, 0, 0)),
+    ('one_of_four_without_name',
+     [({'job': 'testjob', 'instance': 'localhost:9090'}, 1.0, NO_EXTRAS)]
+     + [({**UP, 'instance': f'localhost:909{n}'}, 1.0, NO_EXTRAS) for n in range(1, 4)],
+     {}, 400, (3, 0, 0)),
+    ('histogram', [({'__name__': 'test_histogram'}, None, {'histograms': [HISTOGRAM]})], {},
+     204, (0, 1, 0)),
+    ('two_histograms', [({'__name__': f'hist{n}', 'job': 'test'}, None,
+                         {'histograms': [HISTOGRAM]}) for n in (1, 2)], {}, 204, (0, 2, 0)),
+    ('histogram_exemplar', [({'__name__': 'h', 'method': 'GET'}, None,
+                             {'histograms': [HISTOGRAM], 'exemplars': [EXEMPLAR]})], {},
+     204, (0, 1, 1)),
+    ('sample_exemplar', [({'__name__': 'http_requests_total', 'job': 'api'}, 1.0,
+                          {'exemplars': [EXEMPLAR]})], {}, 204, (1, 0, 1)),
+    ('exemplar_without_data', [({'__name__': 'orphan'}, None, {'exemplars': [EXEMPLAR]})],
+     {}, 204, (0, 0, 1)),
+    ('metadata_without_data', [({'__name__': 'orphan'}, None, {'metadata': b'\x08\x01'})],
+     {}, 204, (0, 0, 0)),
+    ('exemplar_of_a_series_without_name', [({'job': 'test'}, 1.0, {'exemplars': [EXEMPLAR]})],
+     {}, 400, (0, 0, 0)),
+    ('exported_and_not', [(cadvisor(MEMORY, 'ns', 'p'), 5.0, {'exemplars': [EXEMPLAR]}),
+                          (UP, 1.0, NO_EXTRAS)], {}, 204, (2, 0, 1)),
+]
+
+
+def check_compliance_answer(status, headers, body, expected_status, written):
+    headers = {name.lower(): value for name, value in headers.items()}
+    assert status == expected_status, body
+    if status == 204:
+        assert body == b''
+    else:
+        one_line_reason(status, {'Content-Type': headers['content-type']}, body)
+    # Every 2xx carries the three headers, exact; elsewhere a missing one
+    # means 0 (the spec's rule for senders), as on a 415 that is not 2.0.
+    default = None if status == 204 else '0'
+    assert tuple(int(headers.get(f'x-prometheus-remote-write-{kind}-written', default))
+                 for kind in ('samples', 'histograms', 'exemplars')) == written
+
+
+@pytest.mark.parametrize('series, headers, status, written',
+                         [case[1:] for case in COMPLIANCE_CASES],
+                         ids=[case[0] for case in COMPLIANCE_CASES])
+def test_compliance_receiver_cases_in_process(series, headers, status, written):
+    response = call_wsgi(fresh_app(), 'POST', '/write', compliance_body(series),
+                         {'Content-Type': RW2_TYPE, 'Content-Encoding': 'snappy', **headers})
+    check_compliance_answer(*response, status, written)
+
+
+def test_compliance_receiver_cases_against_gunicorn():
+    with Gunicorn() as running:
+        for case_id, series, headers, status, written in COMPLIANCE_CASES:
+            response = http_request(running.url + '/write', 'POST', compliance_body(series), {
+                'Content-Type': RW2_TYPE, 'Content-Encoding': 'snappy',
+                'X-Prometheus-Remote-Write-Version': '2.0.0', **headers})
+            try:
+                check_compliance_answer(*response, status, written)
+            except AssertionError as error:
+                raise AssertionError(f'{case_id}: {error}') from None
+
+
+def test_compliance_rw1_sender_gets_204_and_no_written_headers():
+    status, headers, body = call_wsgi(fresh_app(), 'POST', '/write', compliance_body(
+        [(UP, 1.0, NO_EXTRAS), ({'__name__': 'http_requests_total'}, 100.0, NO_EXTRAS)],
+        protocol=1), {'Content-Type': 'application/x-protobuf', 'Content-Encoding': 'snappy'})
+    assert (status, body) == (204, b'')
+    assert not [name for name in headers if name.startswith('X-Prometheus-Remote-Write')]
+
+
+@pytest.mark.parametrize('protocol', [1, 2])
+def test_samples_more_than_10_minutes_ahead_are_refused_counted_and_the_rest_applies(protocol):
+    now_ms = time.time_ns() // 10**6
+    app = fresh_app()
+    table = [(cadvisor(MEMORY, 'ns', 'ahead'), [(7, now_ms + 3 * 86_400_000)]),
+             (cadvisor(MEMORY, 'ns', 'ok'), [(1, now_ms + 9 * 60_000)]),
+             ({'__name__': 'node_load1'}, [(3, now_ms)])]
+    status, headers, body = post(app, table, protocol)
+    assert (status, one_line_reason(status, headers, body)) == (
+        400, "1 samples more than 10 minutes ahead of the exporter's clock refused; "
+             'the rest was applied')
+    assert headers.get('X-Prometheus-Remote-Write-Samples-Written') == (
+        None if protocol == 1 else '2')
+    assert (memory_of(app, 'ahead'), memory_of(app, 'ok')) == (None, 1)
+    # The real samples that follow are not "older" than the refused one.
+    assert post(app, [(cadvisor(MEMORY, 'ns', 'ahead'), [(8, now_ms)])], protocol)[0] == 204
+    assert memory_of(app, 'ahead') == 8
+    counters = read_exposition(scrape(app))
+    assert counters[('k8s_exporter_samples_ignored_total',
+                     (('reason', 'future_timestamp'),))] == 1
+    assert counters[('k8s_exporter_write_requests_total', (('result', 'partial'),))] == 1
+
+
+@pytest.mark.parametrize('protocol', [1, 2])
+def test_invalid_series_counts_samples_not_series(protocol):
+    app = fresh_app()
+    post(app, [({'job': 'j'}, [(1, 1), (2, 2), (3, 3)]), (cadvisor(MEMORY, 'n', 'p'), [(1, 1)])],
+         protocol)
+    counters = read_exposition(scrape(app))
+    assert counters[('k8s_exporter_samples_ignored_total', (('reason', 'invalid_series'),))] == 3
+    assert counters[('k8s_exporter_samples_received_total', ())] == 4
+
+
+def test_at_the_series_limit_writes_are_partly_applied_and_the_no_writes_signal_moves():
+    app = fresh_app(max_series=1)
+    assert post(app, [(cadvisor(MEMORY, 'ns', 'known'), [(1, 1)])])[0] == 204
+    before = read_exposition(scrape(app))
+    time.sleep(0.01)
+    status, _, _ = post(app, [(cadvisor(MEMORY, 'ns', 'known'), [(2, 2)]),
+                              (cadvisor(MEMORY, 'ns', 'new'), [(5, 2)])])
+    assert status == 400 and memory_of(app, 'known') == 2
+    assert post(app, [(cadvisor(MEMORY, 'ns', 'new'), [(5, 3)])])[0] == 400   # nothing applied
+    after = read_exposition(scrape(app))
+    results = {result: after[('k8s_exporter_write_requests_total', (('result', result),))]
+               for result in ('applied', 'partial', 'refused')}
+    assert results == {'applied': 1, 'partial': 1, 'refused': 1}
+    applied, success = (('k8s_exporter_last_write_applied_timestamp_seconds', ()),
+                        ('k8s_exporter_last_write_success_timestamp_seconds', ()))
+    assert after[success] == before[success]
+    assert after[applied] > before[applied]
+
+
+# Tables for the fast-path property: label order shuffled, an uppercase
+# external label now and then, and symbol tables padded so that refs take
+# one, two or three bytes.
+FAST_PATH_NAMES = [*EXPORTED_METRICS, 'container_network_receive_bytes_total', 'up', '',
+                   'container_memory_usage_bytes_total', 'xcontainer_fs_usage_bytes']
+
+
+@st.composite
+def shuffled_requests(draw):
+    series = []
+    for _ in range(draw(st.integers(1, 6))):
+        labels = {}
+        if draw(st.integers(0, 5)):
+            labels['__name__'] = draw(st.sampled_from(FAST_PATH_NAMES))
+        for name in draw(st.lists(st.sampled_from(['namespace', 'pod', 'container', 'id',
+                                                   'Region', 'A', 'job', 'zz', '_']),
+                                  max_size=6, unique=True)):
+            labels[name] = draw(st.sampled_from(['', 'ns', 'p', '__name__', 'a' * 130,
+                                                 *FAST_PATH_NAMES[:2]]))
+        order = draw(st.permutations(list(labels)))
+        samples = draw(st.lists(st.tuples(st.sampled_from([1.0, math.nan, STALE_NAN]),
+                                          st.integers(0, 2 ** 40)), max_size=2))
+        series.append(([(name, labels[name]) for name in order], samples))
+    return series, draw(st.sampled_from([0, 1, 200, 20_000]))
+
+
+def encode_in_order(series, protocol, filler):
+    """RW1 or RW2 payload keeping each series' label order; filler symbols first."""
+    if protocol == PROTO_RW1:
+        request = remote_pb2.WriteRequest()
+        for labels, samples in series:
+            item = request.timeseries.add()
+            for name, value in labels:
+                item.labels.add(name=name, value=value)
+            for value, timestamp in samples:
+                item.samples.add(value=value, timestamp=timestamp)
+        return request.SerializeToString()
+    request = remote_pb2.WriteRequestV2(symbols=[''] + [f'f{n}' for n in range(filler)])
+    refs = {text: ref for ref, text in enumerate(request.symbols)}
+    for labels, samples in series:
+        item = request.timeseries.add()
+        for pair in labels:
+            for text in pair:
+                if text not in refs:
+                    refs[text] = len(request.symbols)
+                    request.symbols.append(text)
+            item.labels_refs.extend(refs[text] for text in pair)
+        for value, timestamp in samples:
+            item.samples.add(value=value, timestamp=timestamp)
+    return request.SerializeToString()
+
+
+def decoded_outcome(payload, protocol, fast_paths):
+    decoder = k8s_exporter.RemoteWriteDecoder(EXPORTED_METRICS, 'c', fast_paths)
+    try:
+        decoded = decoder.decode(payload, protocol, 2 ** 40)
+    except RequestError as error:
+        return error.status, error.reason
+    fields = dataclasses.asdict(decoded)
+    fields['samples'] = [(*sample[:4], bits_of(sample.value)) for sample in decoded.samples]
+    return fields
+
+
+@PROPERTY_SETTINGS
+@given(request=shuffled_requests(), protocol=st.sampled_from([PROTO_RW1, PROTO_RW2]))
+def test_fast_paths_decode_exactly_as_the_full_path_on_random_input(request, protocol):
+    series, filler = request
+    payload = encode_in_order(series, protocol, filler)
+    assert decoded_outcome(payload, protocol, True) == decoded_outcome(payload, protocol, False)
+
+
+@pytest.mark.parametrize('capture', ALL_CAPTURES)
+@pytest.mark.parametrize('protocol', [PROTO_RW1, PROTO_RW2])
+@pytest.mark.parametrize('external', [None, 'Region'], ids=['sorted', 'uppercase_label'])
+def test_fast_paths_decode_exactly_as_the_full_path_on_every_fixture(capture, protocol,
+                                                                     external):
+    labels = {external: 'eu-west-1'} if external else None
+    table = capture_table(capture_samples(capture), 'kubelet', 1_000, labels)
+    payload = (rw1_body if protocol == PROTO_RW1 else rw2_body)(table, compress=False)
+    fast = decoded_outcome(payload, protocol, True)
+    assert fast == decoded_outcome(payload, protocol, False)
+    assert fast['samples']
 
 
 ###############################################################################
