@@ -1837,6 +1837,30 @@ def test_at_the_series_limit_writes_are_partly_applied_and_the_no_writes_signal_
     assert after[applied] > before[applied]
 
 
+def raw_chunked_write_head(content_type=RW1_TYPE):
+    return (f'POST /write HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n'
+            'Content-Encoding: snappy\r\nTransfer-Encoding: chunked\r\n\r\n').encode()
+
+
+@pytest.mark.parametrize('body, end_of_input, reason', [
+    (b'zz\r\n0123\r\n0\r\n\r\n', False, 'malformed chunked request body'),
+    (b'4\r\n0123XX0\r\n\r\n', False, 'malformed chunked request body'),
+    (b'64\r\n0123456789', True, 'request body ended early'),
+], ids=['bad_chunk_size', 'missing_terminator', 'truncated'])
+def test_broken_chunked_bodies_are_400_with_a_reason_and_no_traceback(body, end_of_input,
+                                                                      reason):
+    with Gunicorn() as running:
+        with socket.create_connection(('127.0.0.1', running.port), timeout=30) as client:
+            client.sendall(raw_chunked_write_head() + body)
+            if end_of_input:
+                client.shutdown(socket.SHUT_WR)
+            assert read_response(client) == (400, reason.encode() + b'\n')
+        page = running.metrics()
+        assert (requests_counted(page, 'write', 400), requests_counted(page, 'write', 500)) == (
+            1, 0)
+    assert b'Traceback' not in running.log, running.log.decode(errors='replace')
+
+
 # Tables for the fast-path property: label order shuffled, an uppercase
 # external label now and then, and symbol tables padded so that refs take
 # one, two or three bytes.
