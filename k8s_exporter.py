@@ -111,16 +111,16 @@ class Config:
         return cls(
             cluster=_env_text(environ, 'K8S_EXPORTER_CLUSTER', defaults.cluster),
             ttl_seconds=_env_number(environ, 'K8S_EXPORTER_TTL_SECONDS',
-                                    defaults.ttl_seconds, float),
+                                    defaults.ttl_seconds, float, 1, 7 * 86400),
             max_body_bytes=_env_number(environ, 'K8S_EXPORTER_MAX_BODY_BYTES',
-                                       defaults.max_body_bytes, int),
+                                       defaults.max_body_bytes, int, 100, 1024 * MiB),
             max_decoded_bytes=_env_number(environ, 'K8S_EXPORTER_MAX_DECODED_BYTES',
-                                          defaults.max_decoded_bytes, int),
+                                          defaults.max_decoded_bytes, int, 100, 4096 * MiB - 1),
             max_series=_env_number(environ, 'K8S_EXPORTER_MAX_SERIES',
-                                   defaults.max_series, int),
+                                   defaults.max_series, int, 1, 10**9),
             metrics=_env_metric_names(environ, 'K8S_EXPORTER_METRICS', defaults.metrics),
             max_concurrent_decodes=_env_number(environ, 'K8S_EXPORTER_MAX_CONCURRENT_DECODES',
-                                               defaults.max_concurrent_decodes, int),
+                                               defaults.max_concurrent_decodes, int, 1, 64),
             listen=_env_listen(environ, 'K8S_EXPORTER_LISTEN', defaults.listen),
             write_auth=Credentials.from_files(environ, 'K8S_EXPORTER_WRITE'),
             metrics_auth=Credentials.from_files(environ, 'K8S_EXPORTER_METRICS'),
@@ -179,6 +179,67 @@ class Credentials(NamedTuple):
         return headers
 
 
+# The variables Config reads. Tests and tools use TEST_K8S_EXPORTER_* for
+# their own, so that these stay the exporter's alone.
+ENVIRONMENT_VARIABLES = (
+    'K8S_EXPORTER_CLUSTER', 'K8S_EXPORTER_TTL_SECONDS', 'K8S_EXPORTER_METRICS',
+    'K8S_EXPORTER_MAX_BODY_BYTES', 'K8S_EXPORTER_MAX_DECODED_BYTES', 'K8S_EXPORTER_MAX_SERIES',
+    'K8S_EXPORTER_MAX_CONCURRENT_DECODES', 'K8S_EXPORTER_LISTEN',
+    'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE', 'K8S_EXPORTER_WRITE_BASIC_AUTH_FILE',
+    'K8S_EXPORTER_METRICS_BEARER_TOKEN_FILE', 'K8S_EXPORTER_METRICS_BASIC_AUTH_FILE')
+
+# cAdvisor's container metrics (v0.49, as the kubelet serves them): a name
+# in K8S_EXPORTER_METRICS outside these is most likely a typo, which would
+# export nothing.
+CADVISOR_METRICS = frozenset(f'container_{name}' for name in """
+    blkio_device_usage_total cpu_cfs_periods_total cpu_cfs_throttled_periods_total
+    cpu_cfs_throttled_seconds_total cpu_load_average_10s cpu_load_d_average_10s
+    cpu_schedstat_run_periods_total cpu_schedstat_run_seconds_total
+    cpu_schedstat_runqueue_seconds_total cpu_system_seconds_total cpu_usage_seconds_total
+    cpu_user_seconds_total file_descriptors fs_inodes_free fs_inodes_total fs_io_current
+    fs_io_time_seconds_total fs_io_time_weighted_seconds_total fs_limit_bytes
+    fs_read_seconds_total fs_reads_bytes_total fs_reads_merged_total fs_reads_total
+    fs_sector_reads_total fs_sector_writes_total fs_usage_bytes fs_write_seconds_total
+    fs_writes_bytes_total fs_writes_merged_total fs_writes_total hugetlb_failcnt
+    hugetlb_max_usage_bytes hugetlb_usage_bytes last_seen llc_occupancy_bytes memory_bandwidth_bytes
+    memory_bandwidth_local_bytes memory_cache memory_failcnt memory_failures_total
+    memory_kernel_usage memory_mapped_file memory_max_usage_bytes memory_migrate memory_numa_pages
+    memory_rss memory_swap memory_total_active_file_bytes memory_total_inactive_file_bytes
+    memory_usage_bytes memory_working_set_bytes network_receive_bytes_total
+    network_receive_errors_total network_receive_packets_dropped_total
+    network_receive_packets_total network_tcp6_usage_total network_tcp_usage_total
+    network_transmit_bytes_total network_transmit_errors_total
+    network_transmit_packets_dropped_total network_transmit_packets_total
+    network_udp6_usage_total network_udp_usage_total oom_events_total perf_events_total
+    perf_events_scaling_ratio processes referenced_bytes scrape_error sockets spec_cpu_period
+    spec_cpu_quota spec_cpu_shares spec_memory_limit_bytes spec_memory_reservation_limit_bytes
+    spec_memory_swap_limit_bytes start_time_seconds tasks_state threads threads_max
+    ulimits_soft""".split())
+
+
+def configuration_warnings(environ, config):
+    """One line for each K8S_EXPORTER_* variable nobody reads and each metric
+    name cAdvisor does not have: typos that would otherwise pass in silence."""
+    warnings = [f'{name} is not a k8s_exporter variable; ignored'
+                for name in sorted(environ)
+                if name.startswith('K8S_EXPORTER_') and name not in ENVIRONMENT_VARIABLES]
+    warnings += [f'K8S_EXPORTER_METRICS: {name!r} is not a cAdvisor metric; it is exported '
+                 'only if a sender writes it' for name in config.metrics
+                 if name not in CADVISOR_METRICS]
+    return warnings
+
+
+def configure_logging():
+    """Log lines with time and level, as gunicorn's own: once, at start-up."""
+    if not LOG.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(
+            '[%(asctime)s] [%(process)d] [%(levelname)s] k8s_exporter: %(message)s',
+            '%Y-%m-%d %H:%M:%S %z'))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
+
+
 def _read_secret_lines(environ, name):
     path = environ.get(name, '').strip()
     if not path:
@@ -201,7 +262,9 @@ def _env_text(environ, name, default):
     return value or default
 
 
-def _env_number(environ, name, default, kind):
+def _env_number(environ, name, default, kind, low, high):
+    """A number within [low, high]: outside it the exporter would not work
+    (a TTL of 1e-9 s shows nothing and burns a third of a core)."""
     raw = environ.get(name, '').strip()
     if not raw:
         return default
@@ -210,8 +273,8 @@ def _env_number(environ, name, default, kind):
     except ValueError:
         expected = 'an integer' if kind is int else 'a number'
         raise ConfigError(f'{name}={raw!r}: not {expected}') from None
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f'{name}={raw!r}: must be greater than 0')
+    if not low <= value <= high:     # False for NaN too
+        raise ConfigError(f'{name}={raw!r}: must be from {low} to {high}')
     return value
 
 
@@ -1523,7 +1586,11 @@ def text_response(status, reason, headers=()):
 
 def load_config():
     """The configuration from os.environ: the one place the environment is read."""
-    return Config.from_environ(os.environ)
+    config = Config.from_environ(os.environ)
+    configure_logging()
+    for warning in configuration_warnings(os.environ, config):
+        LOG.warning('%s', warning)
+    return config
 
 
 EXIT_CONFIG_ERROR = 4   # gunicorn's "app failed to load": its master stops, not respawns

@@ -9,8 +9,8 @@ authentication and bad input; then a real gunicorn over HTTP, then the real
 Prometheus pipeline (skipped, with the reason, without /usr/bin/prometheus
 and promtool; its harness lives in demo_k8s_exporter.py).
 
-Run with `make test`. K8S_EXPORTER_SOAK_SECONDS (8 here, 60 in `make soak`)
-sets the length of the soak; K8S_EXPORTER_PROPERTY_EXAMPLES (200) how long
+Run with `make test`. TEST_K8S_EXPORTER_SOAK_SECONDS (8 here, 60 in `make soak`)
+sets the length of the soak; TEST_K8S_EXPORTER_PROPERTY_EXAMPLES (200) how long
 hypothesis searches.
 """
 
@@ -114,9 +114,9 @@ RW1_TYPE = 'application/x-protobuf;proto=prometheus.WriteRequest'
 RW2_TYPE = 'application/x-protobuf;proto=io.prometheus.write.v2.Request'
 RECEIVE_TIMEOUT_SECONDS = k8s_exporter.RECEIVE_TIMEOUT_SECONDS
 # Bounded so the properties take seconds on two shared cores;
-# K8S_EXPORTER_PROPERTY_EXAMPLES=5000 searches longer.
+# TEST_K8S_EXPORTER_PROPERTY_EXAMPLES=5000 searches longer.
 PROPERTY_SETTINGS = settings(
-    max_examples=int(os.environ.get('K8S_EXPORTER_PROPERTY_EXAMPLES', '200')), deadline=None,
+    max_examples=int(os.environ.get('TEST_K8S_EXPORTER_PROPERTY_EXAMPLES', '200')), deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -932,10 +932,23 @@ def test_config_reads_every_variable():
 
 @pytest.mark.parametrize('name, value, message', [
     ('K8S_EXPORTER_TTL_SECONDS', 'abc', "K8S_EXPORTER_TTL_SECONDS='abc': not a number"),
-    ('K8S_EXPORTER_TTL_SECONDS', '0', "K8S_EXPORTER_TTL_SECONDS='0': must be greater than 0"),
-    ('K8S_EXPORTER_TTL_SECONDS', 'nan', "K8S_EXPORTER_TTL_SECONDS='nan': must be greater than 0"),
+    ('K8S_EXPORTER_TTL_SECONDS', '0', "K8S_EXPORTER_TTL_SECONDS='0': must be from 1 to 604800"),
+    ('K8S_EXPORTER_TTL_SECONDS', '1e-9', "K8S_EXPORTER_TTL_SECONDS='1e-9': must be from 1 to "
+                                         "604800"),
+    ('K8S_EXPORTER_TTL_SECONDS', 'nan', "K8S_EXPORTER_TTL_SECONDS='nan': must be from 1 to "
+                                        "604800"),
+    ('K8S_EXPORTER_TTL_SECONDS', '1e9', "K8S_EXPORTER_TTL_SECONDS='1e9': must be from 1 to "
+                                        "604800"),
     ('K8S_EXPORTER_MAX_BODY_BYTES', '1.5', "K8S_EXPORTER_MAX_BODY_BYTES='1.5': not an integer"),
-    ('K8S_EXPORTER_MAX_SERIES', '-1', "K8S_EXPORTER_MAX_SERIES='-1': must be greater than 0"),
+    ('K8S_EXPORTER_MAX_BODY_BYTES', '99', "K8S_EXPORTER_MAX_BODY_BYTES='99': must be from 100 "
+                                          "to 1073741824"),
+    ('K8S_EXPORTER_MAX_DECODED_BYTES', str(2 ** 32), "K8S_EXPORTER_MAX_DECODED_BYTES="
+                                                     "'4294967296': must be from 100 to "
+                                                     "4294967295"),
+    ('K8S_EXPORTER_MAX_SERIES', '-1', "K8S_EXPORTER_MAX_SERIES='-1': must be from 1 to "
+                                      "1000000000"),
+    ('K8S_EXPORTER_MAX_CONCURRENT_DECODES', '0', "K8S_EXPORTER_MAX_CONCURRENT_DECODES='0': "
+                                                 "must be from 1 to 64"),
     ('K8S_EXPORTER_CLUSTER', ' ', 'K8S_EXPORTER_CLUSTER is set but empty'),
     ('K8S_EXPORTER_METRICS', 'container memory', "K8S_EXPORTER_METRICS: 'container memory' is "
                                                  "not a valid metric name"),
@@ -964,6 +977,38 @@ def test_metrics_variable_replaces_the_five_and_unknown_names_get_a_generic_help
         '# TYPE container_memory_usage_bytes gauge\n'
         'container_memory_usage_bytes{cluster="k8s-cluster",item="container_memory_usage_bytes",'
         'job="kubernetes-cadvisor",namespace="ns",pod="p"} 8\n')
+
+
+def test_unknown_variables_and_metric_names_get_one_warning_line_each():
+    environ = {'K8S_EXPORTER_TTL_SECOND': '60', 'K8S_EXPORTER_CLUSTER': 'c',
+               'TEST_K8S_EXPORTER_SOAK_SECONDS': '8', 'OTHER': 'x',
+               'K8S_EXPORTER_METRICS': 'container_memory_usage_bytes,container_memory_usage_byte'}
+    config = Config.from_environ(environ)
+    assert k8s_exporter.configuration_warnings(environ, config) == [
+        'K8S_EXPORTER_TTL_SECOND is not a k8s_exporter variable; ignored',
+        "K8S_EXPORTER_METRICS: 'container_memory_usage_byte' is not a cAdvisor metric; it is "
+        'exported only if a sender writes it']
+    assert k8s_exporter.configuration_warnings({}, Config()) == []
+
+
+def test_the_tests_and_tools_set_no_variable_the_exporter_would_warn_about():
+    for name in ('test_k8s_exporter.py', 'bench_k8s_exporter.py', 'demo_k8s_exporter.py',
+                 'Makefile', 'gunicorn.conf.py'):
+        text = (HERE / name).read_text()
+        used = set(re.findall(r'(?<![A-Z_])K8S_EXPORTER_[A-Z_]*[A-Z]', text))
+        # The typo the warning tests use on purpose.
+        used.discard('K8S_EXPORTER_TTL_SECOND')
+        assert used <= set(k8s_exporter.ENVIRONMENT_VARIABLES), (name, sorted(used))
+
+
+def test_gunicorn_logs_each_warning_once_with_time_and_level():
+    with Gunicorn(env={'K8S_EXPORTER_TTL_SECOND': '60'}) as running:
+        assert running.metrics()
+    lines = [line for line in running.log.decode().splitlines() if 'TTL_SECOND' in line]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r'\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[WARNING\] '
+                        r'k8s_exporter: K8S_EXPORTER_TTL_SECOND is not a k8s_exporter '
+                        r'variable; ignored', lines[0]), lines[0]
 
 
 ###############################################################################
@@ -3115,7 +3160,7 @@ def test_soak_writers_and_scrapers_see_no_5xx_no_half_applied_pod_and_flat_memor
     # Warm-up: the first abandoned pods must have outlived the TTL before
     # the series count can be flat.
     warmup = SOAK_TTL_SECONDS + 2 * SOAK_CHURN_SECONDS
-    seconds = max(float(os.environ.get('K8S_EXPORTER_SOAK_SECONDS', '8')), warmup + 3)
+    seconds = max(float(os.environ.get('TEST_K8S_EXPORTER_SOAK_SECONDS', '8')), warmup + 3)
     with Gunicorn(env={'K8S_EXPORTER_TTL_SECONDS': str(SOAK_TTL_SECONDS)}) as server:
         soak = SoakRun(server.url, seconds)
         soak.run()
