@@ -50,11 +50,29 @@ import time
 import zlib
 from typing import NamedTuple
 
-import snappy
-from google.protobuf.message import DecodeError
-from google.protobuf.unknown_fields import UnknownFieldSet
+# A drop-in copy on a host needs these, and says so in one line when they are
+# missing: Debian 12's python3-protobuf (3.21) cannot load remote_pb2.py,
+# and its pip refuses system-wide installs, hence the venv.
+REQUIREMENTS = ('gunicorn>=27', 'protobuf>=6.31', 'python-snappy>=0.7')
 
-import remote_pb2
+
+def missing_packages_message(error):
+    """One line: what is missing, which packages and versions, how to install them."""
+    wanted = ' '.join(f"'{requirement}'" for requirement in REQUIREMENTS)
+    return (f'k8s_exporter: {error}; it needs {", ".join(REQUIREMENTS)}: python3 -m venv '
+            f'venv && venv/bin/pip install {wanted} && venv/bin/python k8s_exporter.py')
+
+
+try:
+    import snappy
+    from google.protobuf.message import DecodeError
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    import remote_pb2
+except Exception as _error:   # ImportError, or protobuf's VersionError for 5.x
+    if __name__ == '__main__':
+        sys.exit(missing_packages_message(_error))
+    raise ImportError(missing_packages_message(_error)) from None
 
 __version__ = '1.0.0'
 
@@ -1657,20 +1675,10 @@ def main():
     config = app.config
     try:
         from gunicorn.app.base import BaseApplication
-    except ImportError:
-        BaseApplication = None
-    if BaseApplication is None:
-        from socketserver import ThreadingMixIn
-        from wsgiref.simple_server import WSGIServer, make_server
-
-        class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-            daemon_threads = True
-
-        host, _, port = config.listen.rpartition(':')
-        print(f'k8s_exporter: gunicorn not installed, serving with wsgiref on {config.listen}',
-              file=sys.stderr)
-        make_server(host.strip('[]'), int(port), app, ThreadingWSGIServer).serve_forever()
-        return
+    except ImportError as error:
+        # No fallback to wsgiref: it has none of gunicorn's limits and
+        # deadlines (it hung on chunked writes and stalled bodies).
+        sys.exit(missing_packages_message(error))
 
     class ExporterServer(BaseApplication):
         def load_config(self):

@@ -2964,6 +2964,23 @@ def test_python3_k8s_exporter_py_with_bad_environment_says_one_line():
         4, "k8s_exporter: K8S_EXPORTER_METRICS: 'bad name' is not a valid metric name\n")
 
 
+@pytest.mark.parametrize('missing', ['snappy', 'gunicorn'])
+def test_python3_k8s_exporter_py_without_a_package_says_what_to_install_in_one_line(
+        tmp_path, missing):
+    # A package that fails to import, first on the path: as on a host without it.
+    (tmp_path / missing).mkdir()
+    (tmp_path / missing / '__init__.py').write_text(
+        f'raise ImportError("No module named {missing!r}")\n')
+    result = subprocess.run([sys.executable, 'k8s_exporter.py'], cwd=HERE,
+                            env={**os.environ, 'PYTHONPATH': str(tmp_path),
+                                 'K8S_EXPORTER_LISTEN': f'127.0.0.1:{free_port()}'},
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (1, (
+        f"k8s_exporter: No module named '{missing}'; it needs gunicorn>=27, protobuf>=6.31, "
+        "python-snappy>=0.7: python3 -m venv venv && venv/bin/pip install 'gunicorn>=27' "
+        "'protobuf>=6.31' 'python-snappy>=0.7' && venv/bin/python k8s_exporter.py\n"))
+
+
 def test_gunicorn_enforces_write_and_scrape_credentials(tmp_path):
     (tmp_path / 'token').write_text('tok\n')
     (tmp_path / 'users').write_text('scraper:pw\n')
