@@ -1906,6 +1906,57 @@ def test_broken_chunked_bodies_are_400_with_a_reason_and_no_traceback(body, end_
     assert b'Traceback' not in running.log, running.log.decode(errors='replace')
 
 
+ALERTS_TEST = '''\
+rule_files: [{alerts}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      # At the series limit: every write is applied in part, none in full.
+      - series: k8s_exporter_last_write_applied_timestamp_seconds{{instance="a"}}
+        values: 0+60x30
+      - series: k8s_exporter_last_write_success_timestamp_seconds{{instance="a"}}
+        values: 0x30
+      - series: k8s_exporter_write_requests_total{{instance="a",result="partial"}}
+        values: 0+10x30
+      - series: k8s_exporter_write_requests_total{{instance="a",result="refused"}}
+        values: 0x30
+    alert_rule_test:
+      - {{eval_time: 25m, alertname: K8sExporterNoWrites, exp_alerts: []}}
+      - {{eval_time: 25m, alertname: K8sExporterWritesRefused, exp_alerts: []}}
+      - eval_time: 25m
+        alertname: K8sExporterWritesPartlyApplied
+        exp_alerts:
+          - exp_labels: {{instance: a}}
+            exp_annotations:
+              summary: "k8s_exporter a applies writes only in part; see k8s_exporter_samples_ignored_total"
+  - interval: 1m
+    input_series:
+      # prometheus1 stopped writing at minute 2.
+      - series: k8s_exporter_last_write_applied_timestamp_seconds{{instance="a"}}
+        values: 0 60 120x30
+    alert_rule_test:
+      - eval_time: 25m
+        alertname: K8sExporterNoWrites
+        exp_alerts:
+          - exp_labels: {{instance: a}}
+            exp_annotations:
+              summary: "k8s_exporter a has applied no write for 5 minutes"
+'''
+
+
+@pytest.mark.skipif(not os.access(PROMTOOL_BINARY, os.X_OK), reason='promtool not installed')
+def test_example_alerts_tell_writes_applied_in_part_from_no_writes(tmp_path):
+    alerts = HERE / 'examples' / 'alerts.yml'
+    check = subprocess.run([PROMTOOL_BINARY, 'check', 'rules', str(alerts)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    (tmp_path / 'test.yml').write_text(ALERTS_TEST.format(alerts=alerts))
+    result = subprocess.run([PROMTOOL_BINARY, 'test', 'rules', str(tmp_path / 'test.yml')],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # Tables for the fast-path property: label order shuffled, an uppercase
 # external label now and then, and symbol tables padded so that refs take
 # one, two or three bytes.
