@@ -143,8 +143,10 @@ class CadvisorEndpoint(StartStop):
 
     path = '/metrics/cadvisor'
 
-    def __init__(self, text='', stamp_now=False):
+    def __init__(self, text='', stamp_now=False, listen=('127.0.0.1', 0)):
+        """listen: the (host, port) to bind; port 0 lets the kernel pick a free one."""
         self.stamp_now = stamp_now
+        self.listen = listen
         self.requests = 0
         self._lock = threading.Lock()
         self._server = None
@@ -177,7 +179,8 @@ class CadvisorEndpoint(StartStop):
 
     @property
     def address(self):
-        return f'127.0.0.1:{self._server.server_address[1]}'
+        host, port = self._server.server_address[:2]
+        return f'{host}:{port}'
 
     @property
     def url(self):
@@ -205,7 +208,7 @@ class CadvisorEndpoint(StartStop):
                 pass   # one line per scrape per second would bury the demo's output
 
         # Binding port 0 lets the kernel pick the port: no race with other tests.
-        self._server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self._server = http.server.ThreadingHTTPServer(self.listen, Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name='cadvisor-endpoint', daemon=True)
@@ -468,6 +471,16 @@ def run_demo(fixture, cluster, ready_timeout):
             component.stop()
 
 
+def serve_capture(fixture, listen):
+    """Serve only the capture, as a kubelet's /metrics/cadvisor, until Ctrl-C or SIGTERM."""
+    host, _, port = listen.rpartition(':')
+    with CadvisorEndpoint(read_fixture(fixture), listen=(host, int(port))) as endpoint:
+        print(f'cAdvisor endpoint  http://{endpoint.address}{endpoint.path}  ({fixture})',
+              flush=True)
+        while True:
+            time.sleep(3600)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--fixture', default=DEFAULT_FIXTURE,
@@ -478,18 +491,26 @@ def main(argv=None):
     parser.add_argument('--ready-timeout', type=float, default=60,
                         help='seconds to wait for the pods to arrive')
     parser.add_argument('--list', action='store_true', help='list the fixtures and exit')
+    parser.add_argument('--serve-capture', metavar='HOST:PORT',
+                        help='serve only the fixture, as a kubelet would, on HOST:PORT '
+                             '(the capture service of examples/docker-compose.yml)')
     args = parser.parse_args(argv)
     if args.list:
         print('\n'.join(fixture_names()))
         return 0
     if not args.fixture.endswith('.txt') and args.fixture not in fixture_names():
         parser.error(f'no fixture {args.fixture!r}; --list shows them')
+    # SIGTERM takes the same way out as Ctrl-C: through the finally clauses.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.serve_capture:
+        try:
+            serve_capture(args.fixture, args.serve_capture)
+        except KeyboardInterrupt:
+            return 0
     if not os.access(PROMETHEUS_BINARY, os.X_OK):
         print(f'demo: {PROMETHEUS_BINARY} not found; install Debian\'s prometheus package '
               '(make prometheus does, as root)', file=sys.stderr)
         return 2
-    # SIGTERM takes the same way out as Ctrl-C: through run_demo's finally.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run_demo(args.fixture, args.cluster, args.ready_timeout)
     except KeyboardInterrupt:

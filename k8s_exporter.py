@@ -84,20 +84,69 @@ LOG = logging.getLogger('k8s_exporter')
 # Configuration ###############################################################
 ###############################################################################
 
-# HELP texts of the seed's exposition; they are part of the output contract.
-SEED_HELP = {
-    'container_cpu_load_average_10s':
-        'Average load of container CPU over the past 10 seconds',
-    'container_fs_limit_bytes':
-        'The total amount of file system that the container can use (unit: bytes)',
-    'container_fs_usage_bytes':
-        'The usage of the file system in the container (unit: bytes)',
-    'container_memory_max_usage_bytes':
-        'The maximum memory usage of the container (unit: bytes)',
-    'container_memory_usage_bytes':
-        'The current memory usage of the container (unit: bytes)',
-}
-DEFAULT_METRICS = tuple(sorted(SEED_HELP))
+# How a pod's value is made from its input series (see "cAdvisor series to
+# pods" below; the README's aggregation section says the same).
+RULE_POD_CGROUP = 'pod_cgroup'   # the pod cgroup's series, else the sum over containers
+RULE_POD_LIMIT = 'pod_limit'     # the pod cgroup's series only: limits do not add up
+RULE_SUM = 'sum'                 # the sum over containers and devices
+RULE_DEVICE_LIMIT = 'device'     # the sum over distinct devices of that device's limit
+RULE_SANDBOX = 'sandbox'         # the pod's sandbox, whose network namespace all share
+
+
+class MetricSpec(NamedTuple):
+    """What one exported metric is; METRICS below is the one table of them."""
+    name: str
+    type: str        # the exposition's TYPE: 'gauge' or 'counter'
+    rule: str        # how the pod value is made: RULE_*
+    part_label: str  # a label that tells apart a cgroup's series of it ('cpu'), or ''
+    help: str        # the HELP text (the seed's own for its five)
+
+
+METRICS = {spec.name: spec for spec in (
+    # The seed's five: their HELP texts are part of the output contract.
+    MetricSpec('container_cpu_load_average_10s', 'gauge', RULE_POD_CGROUP, '',
+               'Average load of container CPU over the past 10 seconds'),
+    MetricSpec('container_fs_limit_bytes', 'gauge', RULE_DEVICE_LIMIT, '',
+               'The total amount of file system that the container can use (unit: bytes)'),
+    MetricSpec('container_fs_usage_bytes', 'gauge', RULE_SUM, '',
+               'The usage of the file system in the container (unit: bytes)'),
+    MetricSpec('container_memory_max_usage_bytes', 'gauge', RULE_POD_CGROUP, '',
+               'The maximum memory usage of the container (unit: bytes)'),
+    MetricSpec('container_memory_usage_bytes', 'gauge', RULE_POD_CGROUP, '',
+               'The current memory usage of the container (unit: bytes)'),
+    # What kubectl top, the HPA, the OOM killer and kubernetes-mixin judge pods by.
+    MetricSpec('container_cpu_usage_seconds_total', 'counter', RULE_POD_CGROUP, 'cpu',
+               'Cumulative CPU time consumed by the pod (unit: seconds)'),
+    MetricSpec('container_memory_working_set_bytes', 'gauge', RULE_POD_CGROUP, '',
+               'The working set memory of the pod, as the OOM killer sees it (unit: bytes)'),
+    MetricSpec('container_memory_rss', 'gauge', RULE_POD_CGROUP, '',
+               'The anonymous and swap cache memory of the pod (unit: bytes)'),
+    MetricSpec('container_memory_cache', 'gauge', RULE_POD_CGROUP, '',
+               'The page cache memory of the pod (unit: bytes)'),
+    MetricSpec('container_spec_memory_limit_bytes', 'gauge', RULE_POD_LIMIT, '',
+               'The memory limit of the pod, 0 for none (unit: bytes)'),
+    MetricSpec('container_network_receive_bytes_total', 'counter', RULE_SANDBOX, 'interface',
+               'Cumulative bytes received by the pod over all its interfaces (unit: bytes)'),
+    MetricSpec('container_network_transmit_bytes_total', 'counter', RULE_SANDBOX, 'interface',
+               'Cumulative bytes transmitted by the pod over all its interfaces (unit: bytes)'),
+)}
+DEFAULT_METRICS = ('container_cpu_load_average_10s', 'container_fs_limit_bytes',
+                   'container_fs_usage_bytes', 'container_memory_max_usage_bytes',
+                   'container_memory_usage_bytes')
+# The part labels by metric name, for the decoder: one dict lookup per kept series.
+PART_LABELS = {name: spec.part_label for name, spec in METRICS.items() if spec.part_label}
+
+
+def metric_spec(name):
+    """The table's entry for name; a name not in it is exported as a gauge,
+    with a generic HELP and the rule its name suggests."""
+    spec = METRICS.get(name)
+    if spec is not None:
+        return spec
+    rule = RULE_SUM if name.startswith('container_fs_') else RULE_POD_CGROUP
+    return MetricSpec(name, 'gauge', rule, '', f'cAdvisor {name}, one value per pod')
+
+
 METRIC_NAME_RE = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*\Z')
 
 
@@ -594,7 +643,7 @@ class RemoteWriteDecoder:
                                       series_v2.exemplars)
             return
         count = len(samples)
-        identity = pod_series_identity(labels, self.default_cluster)
+        identity = pod_series_identity(labels, self.default_cluster, PART_LABELS.get(name, ''))
         if identity is None:
             decoded.kept += count
             decoded.no_pod += count
@@ -715,6 +764,24 @@ class SeriesKey(NamedTuple):
     id: str
     image: str
     device: str
+    part: str = ''     # the value of the metric's part label (cpu="cpu00"), if it has one
+
+    @property
+    def identity(self):
+        """What the series stands for within its pod, whichever cgroup holds it now.
+
+        The pod-level cgroup, whatever the pod's uid; a container by its
+        name (the sandbox is docker's "POD", or containerd's unnamed pause
+        container); per device for the fs metrics, and per part (one CPU,
+        one interface). A restarted container or a re-created pod gets new
+        ids and the same identity.
+        """
+        return self.pod_cgroup, self.container, self.device, self.part
+
+    @property
+    def sandbox(self):
+        """The pod's sandbox: docker's POD container, containerd's pause container."""
+        return not self.pod_cgroup and self.container in ('POD', '')
 
 
 # (namespace, pod, container) label names, in the order they are tried.
@@ -732,8 +799,11 @@ POD_LABEL_CONVENTIONS = (
 POD_CGROUP_SEGMENT_RE = re.compile(r'(?:^|-)pod[0-9a-fA-F_-]+(?:\.slice)?\Z')
 
 
-def pod_series_identity(labels, default_cluster):
-    """Map a cAdvisor series' labels to (PodKey, SeriesKey), or None without a pod."""
+def pod_series_identity(labels, default_cluster, part_label=''):
+    """Map a cAdvisor series' labels to (PodKey, SeriesKey), or None without a pod.
+
+    part_label is the metric's (MetricSpec.part_label), if it has one.
+    """
     for namespace_label, pod_label, container_label in POD_LABEL_CONVENTIONS:
         pod = labels.get(pod_label)
         namespace = labels.get(namespace_label)
@@ -749,45 +819,48 @@ def pod_series_identity(labels, default_cluster):
                                   labels.get('job', ''), namespace, pod))
     series_key = _new_tuple(SeriesKey, (pod_cgroup, _intern(container), _intern(cgroup),
                                         _intern(labels.get('image', '')),
-                                        _intern(labels.get('device', ''))))
+                                        _intern(labels.get('device', '')),
+                                        _intern(labels.get(part_label, '')) if part_label else ''))
     return pod_key, series_key
 
 
-# How a pod's value is made from its input series, per metric.
-RULE_POD_CGROUP = 'pod_cgroup'   # the pod cgroup series, else the sum of containers
-RULE_SUM = 'sum'                 # sum over containers and devices
-RULE_DEVICE_LIMIT = 'device'     # sum over distinct devices of that device's limit
-
-
 def aggregation_rule(metric_name):
-    if metric_name == 'container_fs_limit_bytes':
-        return RULE_DEVICE_LIMIT
-    if metric_name.startswith('container_fs_'):
-        return RULE_SUM
-    return RULE_POD_CGROUP
+    return metric_spec(metric_name).rule
 
 
-def pod_value(rule, series):
-    """The pod's value from its input series, [(SeriesKey, value), ...]."""
-    if len(series) == 1 and (rule == RULE_POD_CGROUP or not series[0][0].pod_cgroup):
+def pod_value(rule, series, carried=0.0):
+    """The pod's value from its input series, [(SeriesKey, value), ...], or None.
+
+    carried is what a counter's containers had reached when they were
+    forgotten (see PodState); it adds to a sum over containers.
+    """
+    if len(series) == 1 and not carried and (
+            rule == RULE_POD_CGROUP or rule == RULE_SUM and not series[0][0].pod_cgroup):
         return series[0][1] or 0.0     # a sum of one: -0.0 is 0.0, as below
-    if rule == RULE_POD_CGROUP:
+    if rule == RULE_POD_CGROUP or rule == RULE_POD_LIMIT:
         pod_level = [value for key, value in series if key.pod_cgroup]
-        return sum_values(pod_level or [value for _, value in series]) if series else None
-    containers = [(key.device, value) for key, value in series if not key.pod_cgroup]
-    if not containers:
+        if pod_level or rule == RULE_POD_LIMIT:
+            return sum_values(pod_level) if pod_level else None
+        picked = [value for _, value in series]
+    elif rule == RULE_SANDBOX:
+        picked = [value for key, value in series if key.sandbox]
+    elif rule == RULE_SUM:
+        picked = [value for key, value in series if not key.pod_cgroup]
+    else:
+        # Containers of one pod share the pod's devices: count each device
+        # once, at the largest limit reported for it (NaN only if all are
+        # NaN, as PromQL's max).
+        limits = {}
+        for key, value in series:
+            if key.pod_cgroup:
+                continue
+            known = limits.get(key.device)
+            if known is None or value > known or known != known:
+                limits[key.device] = value
+        picked = list(limits.values())
+    if not picked:
         return None
-    if rule == RULE_SUM:
-        return sum_values([value for _, value in containers])
-    # Containers of one pod share the pod's devices: count each device once,
-    # at the largest limit reported for it (NaN only if all are NaN, as
-    # PromQL's max).
-    limits = {}
-    for device, value in containers:
-        known = limits.get(device)
-        if known is None or value > known or known != known:
-            limits[device] = value
-    return sum_values(limits.values())
+    return sum_values([*picked, carried] if carried else picked)
 
 
 def sum_values(values):
@@ -812,24 +885,88 @@ def sum_values(values):
 SWEEP_CHUNK_PODS = 500   # pods expired per lock hold: ~4 ms for 500 pods
 LIMIT_WARNING_INTERVAL_SECONDS = 60
 
-# One input series, packed: its last sample's timestamp (ms) and value, and
-# when that arrived (time.monotonic(), for the TTL). received is NaN where
-# the metric has no series. Packed, a series costs its 24 bytes and no
-# Python objects: about 25 bytes less than a list of slots and a float.
-SLOT = struct.Struct('<qdd')
-SLOT_SIZE = SLOT.size
-_pack_slot = SLOT.pack_into
-_unpack_slot = SLOT.unpack_from
-_unpack_value_received = struct.Struct('<dd').unpack_from   # at a slot's offset + 8
-ABSENT_SLOT = SLOT.pack(0, 0.0, math.nan)
+
+class Slots:
+    """The packing of input series: one bytearray per SeriesKey, a slot per metric.
+
+    A slot holds its series' newest sample, timestamp (ms) and value, and
+    when that arrived (the store's arrival clock, in seconds, for the TTL and
+    for "arrived last"). Arrival NaN: the key has no series of that metric.
+    A series ended by a stale marker keeps its slot (the marker's time, the
+    last value) until the TTL; PodState.ended says which those are. Packed,
+    a series costs its 24 bytes and no Python objects: about 25
+    bytes less than a list of slots and a float.
+    """
+    SLOT = struct.Struct('<qdd')
+    ABSENT = SLOT.pack(0, 0.0, math.nan)
+
+    @classmethod
+    def new(cls, metric_count):
+        return bytearray(cls.ABSENT * metric_count)
+
+    @staticmethod
+    def get(slots, metric, _size=SLOT.size, _unpack=SLOT.unpack_from):
+        """(timestamp_ms, value, arrival) of the key's series of metric, or None."""
+        sample = _unpack(slots, _size * metric)
+        return None if sample[2] != sample[2] else sample
+
+    @staticmethod
+    def put(slots, metric, timestamp_ms, value, arrival, _size=SLOT.size,
+            _pack=SLOT.pack_into):
+        _pack(slots, _size * metric, timestamp_ms, value, arrival)
+
+    @classmethod
+    def forget(cls, slots, metric):
+        """Drop the series of metric; return whether the key still holds any."""
+        at = cls.SLOT.size * metric
+        slots[at:at + cls.SLOT.size] = cls.ABSENT
+        return any(arrival == arrival for _, _, arrival in cls.SLOT.iter_unpack(slots))
+
+    @classmethod
+    def older_than(cls, slots, cutoff):
+        """The metrics whose series arrived before cutoff."""
+        return [metric for metric, (_, _, arrival) in enumerate(cls.SLOT.iter_unpack(slots))
+                if arrival < cutoff]     # False for NaN: no series
+
+    @staticmethod
+    def values(series, metric, _size=SLOT.size, _unpack=SLOT.unpack_from):
+        """[(SeriesKey, value), ...] of every series of metric held in
+        {SeriesKey: slots}: one loop for a pod's render."""
+        values = []
+        at = _size * metric
+        for key, slots in series.items():
+            _, value, arrival = _unpack(slots, at)
+            if arrival == arrival:
+                values.append((key, value))
+        return values
+
+    @staticmethod
+    def samples(series, metric, _size=SLOT.size, _unpack=SLOT.unpack_from):
+        """[(SeriesKey, (timestamp_ms, value, arrival)), ...] of every series of
+        metric held in {SeriesKey: slots}, ended ones included."""
+        held = []
+        at = _size * metric
+        for key, slots in series.items():
+            sample = _unpack(slots, at)
+            if sample[2] == sample[2]:
+                held.append((key, sample))
+        return held
+
+
+SLOT_SIZE = Slots.SLOT.size
 
 
 class PodState:
     """One pod: its input series and its output.
 
-    series maps SeriesKey -> a bytearray of one SLOT per exported metric:
-    the cpu and memory series of one cgroup, and the fs series of one
-    device, share one key and one bytearray.
+    series maps SeriesKey -> its Slots bytearray: the cpu and memory series
+    of one cgroup, and the fs series of one device, share one key.
+    live counts the series that have not ended; ended holds those that have,
+    as (SeriesKey, metric), until the TTL (None for none: most pods).
+    shared_identity says whether two keys stand for the same thing (a
+    container restarted, the pod was re-created): only then can a sample
+    change which series counts without changing a value. carried holds, per
+    counter, what its forgotten containers had reached (None until one is).
 
     values holds the pod's value per metric (None for none); output holds
     what its lines are made of: (escaped cluster, the labels after item,
@@ -838,24 +975,64 @@ class PodState:
     under the lock and join them after releasing it. Keeping the pieces, not
     whole lines, saves ~50 bytes per input series.
     """
-    __slots__ = ('key', 'series', 'series_count', 'values', 'output')
+    __slots__ = ('key', 'series', 'live', 'ended', 'shared_identity', 'carried', 'values',
+                 'output')
 
     def __init__(self, key, metric_count):
         self.key = key
         self.series = {}
-        self.series_count = 0
+        self.live = 0
+        self.ended = None
+        self.shared_identity = False
+        self.carried = None
         self.values = (None,) * metric_count
         self.output = (*pod_label_text(key), *(b'',) * metric_count)
 
-    def metric_series(self, metric):
-        """[(SeriesKey, value), ...] of one metric."""
-        at = SLOT_SIZE * metric + 8
-        series = []
-        for key, slots in self.series.items():
-            value, received = _unpack_value_received(slots, at)
-            if received == received:
-                series.append((key, value))
-        return series
+    def add_key(self, series_key, metric_count):
+        slots = self.series[series_key] = Slots.new(metric_count)
+        identity = series_key.identity
+        self.shared_identity = self.shared_identity or any(
+            key.identity == identity for key in self.series if key is not series_key)
+        return slots
+
+    def remove_key(self, series_key):
+        del self.series[series_key]
+        identities = [key.identity for key in self.series]
+        self.shared_identity = len(set(identities)) < len(identities)
+
+    def has_ended(self, series_key, metric):
+        return self.ended is not None and (series_key, metric) in self.ended
+
+    def counted_series(self, metric, cumulative=False):
+        """[(SeriesKey, value), ...] of metric: what the pod's value is made of.
+
+        Of the series that stand for one thing (SeriesKey.identity), only the
+        one with the newest sample counts, on equal timestamps the one that
+        arrived last; ended series never count, and nothing does when every
+        series has ended. cumulative (a counter): every container that stood
+        for one thing counts, ended or not, at its last value, so that a
+        restart does not make the pod's counter fall; pod cgroups as above.
+        Most pods have neither two series of one identity nor an ended one,
+        and skip the comparison.
+        """
+        if not self.shared_identity and self.ended is None:
+            return Slots.values(self.series, metric)
+        ended = self.ended or ()
+        held = Slots.samples(self.series, metric)
+        if all((key, metric) in ended for key, _ in held):
+            return []
+        newest = {}
+        for key, sample in held:
+            if cumulative and not key.pod_cgroup:
+                newest[key] = (key, sample)
+                continue
+            if (key, metric) in ended:
+                continue
+            identity = key.identity
+            other = newest.get(identity)
+            if other is None or (sample[0], sample[2]) > (other[1][0], other[1][2]):
+                newest[identity] = (key, sample)
+        return [(key, sample[1]) for key, sample in newest.values()]
 
 
 class Store:
@@ -863,7 +1040,7 @@ class Store:
 
     Writes are decoded outside the lock and applied under it in one piece,
     so a scrape sees all of a request or none of it. A pod's output lines
-    are re-rendered when one of its series changes, and the pods are kept in
+    are re-rendered when what counts for it changes, and the pods are kept in
     output order, so a scrape only joins bytes: 10,000 pods in ~15 ms,
     where looking each line up by pod took ~170 ms.
     """
@@ -871,12 +1048,17 @@ class Store:
     def __init__(self, config):
         self.config = config
         self.metric_names = config.metrics
-        self.rules = [aggregation_rule(name) for name in config.metrics]
+        self.specs = [metric_spec(name) for name in config.metrics]
+        self.rules = [spec.rule for spec in self.specs]
+        self.cumulative = [spec.type == 'counter' for spec in self.specs]
         self._lock = threading.Lock()
         self._pods = {}              # PodKey -> PodState
         self._pod_keys = []          # sorted PodKeys: the output order
         self._pod_order = []         # PodStates, in the order of _pod_keys
-        self._series_count = 0
+        self._live_series = 0        # series that have not ended
+        self._ended_series = 0       # ended by a stale marker, held until the TTL
+        self._live_pods = 0          # pods with a live series
+        self._last_arrival = -math.inf
         self._version = 0            # bumps on every change of the output lines
         self._limit_warned_at = -math.inf
         self._sweeper = None
@@ -885,53 +1067,80 @@ class Store:
     # -- writes --------------------------------------------------------------
 
     def apply(self, samples, received):
-        """Apply one request's samples at once; return how many were refused."""
-        touched = {}                 # PodState -> metrics whose input changed
+        """Apply one request's samples at once; return how many were refused.
+
+        received is when the request arrived (time.monotonic()). Each sample
+        gets an arrival of its own, strictly after the one before it, so
+        that "arrived last" always has one answer; the steps are ulps, a few
+        nanoseconds per thousand samples.
+        """
+        touched = {}                 # PodState -> metrics whose counted series changed
         created = []
         refused = ignored = 0
-        absent = ABSENT_SLOT * len(self.metric_names)
+        metric_count = len(self.metric_names)
+        max_series = self.config.max_series
+        # Slots.get and Slots.put, without a Python call per sample:
+        # 0.4 us less per kept sample (measured 2026-12-01).
+        read_slot, write_slot, slot_size = Slots.SLOT.unpack_from, Slots.SLOT.pack_into, SLOT_SIZE
+        next_float, later = math.nextafter, math.inf
         with self._lock:
             pods = self._pods
+            arrival = max(received, self._last_arrival)
             for pod_key, metric, series_key, timestamp_ms, value in samples:
                 pod = pods.get(pod_key)
                 if pod is None:
                     pod = self._add_pod(pod_key)
                     created.append(pod)
                 slots = pod.series.get(series_key)
-                at = SLOT_SIZE * metric
+                at = slot_size * metric
                 if slots is None:
-                    known = False
+                    held = ended = False
                 else:
-                    old_timestamp, old_value, old_received = _unpack_slot(slots, at)
-                    known = old_received == old_received
-                if known and timestamp_ms <= old_timestamp:
+                    old_timestamp, old_value, old_arrival = read_slot(slots, at)
+                    held = old_arrival == old_arrival
+                    ended = held and pod.ended is not None and (series_key, metric) in pod.ended
+                # Per series, the newest sample wins.
+                if held and timestamp_ms <= old_timestamp:
                     ignored += 1
                     continue
+                arrival = next_float(arrival, later)
                 if value != value and _pack_double(value) == STALE_NAN_BYTES:
-                    if known:
-                        self._forget(pod, series_key, slots, at)
+                    # A stale marker ends the series; it is held, ended, so
+                    # that a replay of older samples cannot bring it back.
+                    if held and not ended:
+                        write_slot(slots, at, timestamp_ms, old_value, arrival)
+                        self._end_series(pod, series_key, metric)
                         _add_to(touched, pod, metric)
                     continue
-                if not known:
-                    if self._series_count >= self.config.max_series:
+                if not held:
+                    # The series limit refuses new series; known ones update.
+                    if self._live_series + self._ended_series >= max_series:
                         refused += 1
                         continue
                     if slots is None:
-                        slots = pod.series[series_key] = bytearray(absent)
-                    pod.series_count += 1
-                    self._series_count += 1
+                        slots = pod.add_key(series_key, metric_count)
+                    self._count_series(pod, live=1)
                     _add_to(touched, pod, metric)
-                elif value != old_value:
-                    # Most cAdvisor values repeat (fs limits, a cpu load of 0),
-                    # and an equal one cannot change the pod's (pod values
-                    # are sums: -0 counts as 0). NaN is never equal: redone.
+                elif ended:                  # a newer sample brings it back
+                    pod.ended.discard((series_key, metric))
+                    if not pod.ended:
+                        pod.ended = None
+                    self._count_series(pod, live=1, ended=-1)
                     _add_to(touched, pod, metric)
-                _pack_slot(slots, at, timestamp_ms, value, received)
+                elif value != old_value or pod.shared_identity:
+                    # A changed value re-renders. Most cAdvisor values repeat
+                    # (fs limits, a cpu load of 0), and an equal one cannot
+                    # change the pod's (pod values are sums: -0 counts as 0;
+                    # NaN is never equal), unless which series counts can
+                    # change with it.
+                    _add_to(touched, pod, metric)
+                write_slot(slots, at, timestamp_ms, value, arrival)
+            self._last_arrival = arrival
             changed = False
             for pod, metrics in touched.items():
                 changed |= self._render_pod(pod, metrics)
             for pod in created:   # refused or stale-only samples can leave it empty
-                if pod.series_count == 0:
+                if not pod.series:
                     self._remove_pod(pod)
             if changed:
                 self._version += 1
@@ -946,13 +1155,42 @@ class Store:
                         self.config.max_series, refused)
         return refused
 
-    def _forget(self, pod, series_key, slots, at):
-        """Drop one input series: one metric's slot of series_key (lock held)."""
-        slots[at:at + SLOT_SIZE] = ABSENT_SLOT
-        if all(received != received for _, _, received in SLOT.iter_unpack(slots)):
-            del pod.series[series_key]
-        pod.series_count -= 1
-        self._series_count -= 1
+    def _count_series(self, pod, live=0, ended=0):
+        """Move the counts of live and ended series (lock held)."""
+        was_live = pod.live > 0
+        pod.live += live
+        self._live_series += live
+        self._ended_series += ended
+        self._live_pods += (pod.live > 0) - was_live
+
+    def _end_series(self, pod, series_key, metric):
+        """A stale marker ends a live series: held, not counted (lock held)."""
+        if pod.ended is None:
+            pod.ended = set()
+        pod.ended.add((series_key, metric))
+        self._count_series(pod, live=-1, ended=1)
+
+    def _forget(self, pod, series_key, slots, metric):
+        """Drop one input series, live or ended (lock held).
+
+        A counter's container carries its last value forward into the pod's
+        sum: the CPU seconds a restarted container used stay counted.
+        """
+        if pod.has_ended(series_key, metric):
+            pod.ended.discard((series_key, metric))
+            if not pod.ended:
+                pod.ended = None
+            self._count_series(pod, ended=-1)
+        else:
+            self._count_series(pod, live=-1)
+        if self.cumulative[metric] and not series_key.pod_cgroup and (
+                self.rules[metric] != RULE_SANDBOX or series_key.sandbox):
+            if pod.carried is None:
+                pod.carried = [0.0] * len(self.metric_names)
+            pod.carried[metric] = sum_values([pod.carried[metric],
+                                              Slots.get(slots, metric)[1]])
+        if not Slots.forget(slots, metric):
+            pod.remove_key(series_key)
 
     def _render_pod(self, pod, metrics):
         """Recompute a pod's values for metrics and re-render the lines whose
@@ -961,15 +1199,17 @@ class Store:
         Most cAdvisor values repeat from one scrape to the next (cpu load is
         0, fs limits are fixed): skipping their lines halves the cost.
         """
-        if pod.series_count == 0:
+        if not pod.series:
             self._remove_pod(pod)
             return True
         values = list(pod.values)
         output = list(pod.output)
         changed = False
+        carried = pod.carried
         for metric in metrics:
-            series = pod.metric_series(metric)
-            value = pod_value(self.rules[metric], series) if series else None
+            series = pod.counted_series(metric, self.cumulative[metric])
+            value = pod_value(self.rules[metric], series,
+                              carried[metric] if carried else 0.0) if series else None
             old = values[metric]
             if value is None if old is None else (
                     value is not None and _pack_double(value) == _pack_double(old)):
@@ -1042,13 +1282,11 @@ class Store:
             return False       # removed since the sweep began
         expired = set()
         for series_key, slots in list(pod.series.items()):
-            # Read before _forget writes to slots (and a bytearray being read
-            # cannot change size).
-            for metric, (_, _, received) in enumerate(tuple(SLOT.iter_unpack(slots))):
-                if received < cutoff:    # False for NaN: no series
-                    self._forget(pod, series_key, slots, SLOT_SIZE * metric)
+            for metric in Slots.older_than(slots, cutoff):
+                if not pod.has_ended(series_key, metric):
                     self.counters.expired_series += 1
-                    expired.add(metric)
+                self._forget(pod, series_key, slots, metric)
+                expired.add(metric)
         return bool(expired) and self._render_pod(pod, expired)
 
     # -- reads ---------------------------------------------------------------
@@ -1056,7 +1294,7 @@ class Store:
     def snapshot(self, known_version=None):
         """A consistent copy of what /metrics shows, taken in one lock hold.
 
-        lines is None when the version is still known_version: the caller
+        outputs is None when the version is still known_version: the caller
         already has them, and nothing is copied.
         """
         with self._lock:
@@ -1064,10 +1302,28 @@ class Store:
             return StoreSnapshot(
                 version=self._version,
                 outputs=None if unchanged else [pod.output for pod in self._pod_order],
-                pod_count=len(self._pods),
-                series_count=self._series_count,
+                pod_count=self._live_pods,
+                series_count=self._live_series,
                 counters=self.counters.copy(),
             )
+
+    def pod_series(self, pod_key):
+        """{metric name: [(SeriesKey, (timestamp_ms, value, arrival), counted)]} of one pod.
+
+        Every series held for the pod, and whether it counts; {} for an
+        unknown pod. Copied under the lock, for pages and tests.
+        """
+        with self._lock:
+            pod = self._pods.get(pod_key)
+            if pod is None:
+                return {}
+            result = {}
+            for metric, name in enumerate(self.metric_names):
+                counted = {key for key, _ in pod.counted_series(metric, self.cumulative[metric])}
+                held = Slots.samples(pod.series, metric)
+                if held:
+                    result[name] = [(key, sample, key in counted) for key, sample in held]
+            return result
 
     def count(self, update):
         """Run update(counters) under the lock: the counters live in the store."""
@@ -1191,10 +1447,6 @@ def escape_help(text):
     return text.replace('\\', '\\\\').replace('\n', '\\n')
 
 
-def metric_help(name):
-    return SEED_HELP.get(name) or f'cAdvisor {name}, one value per pod'
-
-
 OUTPUT_VALUES = 2    # PodState.output: cluster, labels after item, then the values
 
 
@@ -1216,8 +1468,9 @@ def render_pod_families(metric_names, snapshot):
             if output[at]:
                 add((head, output[0], item, output[1], output[at]))
         if pieces:     # as Go's client: a family without series is not shown
-            parts.append(f'# HELP {name} {escape_help(metric_help(name))}\n'
-                         f'# TYPE {name} gauge\n'.encode())
+            spec = metric_spec(name)
+            parts.append(f'# HELP {name} {escape_help(spec.help)}\n'
+                         f'# TYPE {name} {spec.type}\n'.encode())
             parts.append(b''.join(pieces))
     return b''.join(parts)
 

@@ -5,9 +5,10 @@ model of the README's aggregation rules, both written without the
 exporter's code. The tests then follow k8s_exporter.py from pure functions
 to the WSGI app: the seed, configuration, remote-write decoding, cAdvisor
 series to pods, real kubelet captures, the store, exposition, the WSGI app,
-authentication and bad input; then a real gunicorn over HTTP, then the real
-Prometheus pipeline (skipped, with the reason, without /usr/bin/prometheus
-and promtool; its harness lives in demo_k8s_exporter.py).
+authentication and bad input; then a real gunicorn over HTTP, the deployment
+files (the image, docker compose, Kubernetes), then the real Prometheus
+pipeline (skipped, with the reason, without /usr/bin/prometheus and
+promtool; its harness lives in demo_k8s_exporter.py).
 
 Run with `make test`. TEST_K8S_EXPORTER_SOAK_SECONDS (8 here, 60 in `make soak`)
 sets the length of the soak; TEST_K8S_EXPORTER_PROPERTY_EXAMPLES (200) how long
@@ -23,7 +24,9 @@ import gzip
 import http.client
 import importlib.util
 import io
+import json
 import math
+import operator
 import os
 import platform
 import re
@@ -43,8 +46,10 @@ from fractions import Fraction
 from pathlib import Path
 from wsgiref.validate import validator
 
+import kubernetes_validate
 import pytest
 import snappy
+import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -94,7 +99,21 @@ EXPORTED_METRICS = ('container_cpu_load_average_10s', 'container_fs_limit_bytes'
 # The three that take the pod cgroup's value, else the sum of containers.
 POD_CGROUP_METRICS = ('container_cpu_load_average_10s', 'container_memory_max_usage_bytes',
                       'container_memory_usage_bytes')
+# The metrics the README documents beyond the five, by how the README says
+# their pod value is made; with the five, every name the exporter knows.
+COUNTERS = ('container_cpu_usage_seconds_total', 'container_network_receive_bytes_total',
+            'container_network_transmit_bytes_total')
+POD_CGROUP_GAUGES = ('container_memory_cache', 'container_memory_rss',
+                     'container_memory_working_set_bytes')
+POD_LIMIT = 'container_spec_memory_limit_bytes'
+KNOWN_METRICS = tuple(sorted((*EXPORTED_METRICS, *COUNTERS, *POD_CGROUP_GAUGES, POD_LIMIT)))
+# The label that tells a cgroup's series of a metric apart, where it has one.
+PART_LABEL = {'container_cpu_usage_seconds_total': 'cpu',
+              'container_network_receive_bytes_total': 'interface',
+              'container_network_transmit_bytes_total': 'interface'}
+CPU_USAGE = 'container_cpu_usage_seconds_total'
 MEMORY = 'container_memory_usage_bytes'
+FS_USAGE = 'container_fs_usage_bytes'
 DEFAULT_CLUSTER = 'k8s-cluster'
 OUTPUT_LABELS = ('cluster', 'item', 'job', 'namespace', 'pod')
 
@@ -322,10 +341,18 @@ def scrape(app, gzipped=False):
     return (gzip.decompress(body) if gzipped else body).decode()
 
 
-def memory_of(app, pod='p'):
-    """The exported memory value of one pod, or None when the pod is not shown."""
+def value_of(app, metric, pod='p'):
+    """The exported value of one pod's metric, or None when the pod has no such line."""
     return {key[4]: value for key, value in pod_values_in(scrape(app)).items()
-            if key[0] == MEMORY}.get(pod)
+            if key[0] == metric}.get(pod)
+
+
+def memory_of(app, pod='p'):
+    return value_of(app, MEMORY, pod)
+
+
+def fs_usage_of(app, pod='p'):
+    return value_of(app, FS_USAGE, pod)
 
 
 def one_line_reason(status, headers, body):
@@ -584,7 +611,7 @@ def requests_counted(text, handler, code):
         ('k8s_exporter_http_requests_total', (('code', str(code)), ('handler', handler))), 0)
 
 
-def pod_values_in(text):
+def pod_values_in(text, metrics=KNOWN_METRICS):
     """{(metric, cluster, job, namespace, pod): value} of the pod families of a page.
 
     Fails on a pod series whose labels are not exactly the five output
@@ -595,7 +622,7 @@ def pod_values_in(text):
         if not name.startswith('container_'):
             continue
         labels = dict(label_items)
-        assert name in EXPORTED_METRICS, name
+        assert name in metrics, name
         assert tuple(labels) == OUTPUT_LABELS, (name, labels)
         assert labels['item'] == name, (name, labels)
         assert labels['namespace'] and labels['pod'], (name, labels)
@@ -732,9 +759,23 @@ def largest_ignoring_nan(values):
     return max(numbers) if numbers else math.nan
 
 
+def is_sandbox(pod_cgroup, container):
+    """docker's POD container or containerd's unnamed pause container."""
+    return not pod_cgroup and container in ('POD', '')
+
+
 def pod_value_by_rules(metric, series):
-    """A pod's value of metric from its series [(pod cgroup?, device, value)], or None."""
-    containers = [(device, value) for pod_cgroup, device, value in series if not pod_cgroup]
+    """A pod's value of metric from its series [(pod cgroup?, container, device, value)],
+    or None."""
+    if metric in ('container_network_receive_bytes_total',
+                  'container_network_transmit_bytes_total'):
+        sandbox = [value for pod_cgroup, container, _, value in series
+                   if is_sandbox(pod_cgroup, container)]
+        return ieee_sum(sandbox) if sandbox else None
+    pod_cgroups = [value for pod_cgroup, _, _, value in series if pod_cgroup]
+    if metric == POD_LIMIT:
+        return ieee_sum(pod_cgroups) if pod_cgroups else None
+    containers = [(device, value) for pod_cgroup, _, device, value in series if not pod_cgroup]
     if metric == 'container_fs_usage_bytes':
         return ieee_sum(value for _, value in containers) if containers else None
     if metric == 'container_fs_limit_bytes':
@@ -742,12 +783,11 @@ def pod_value_by_rules(metric, series):
         for device, value in containers:
             per_device.setdefault(device, []).append(value)
         return ieee_sum(map(largest_ignoring_nan, per_device.values())) if per_device else None
-    pod_cgroups = [value for pod_cgroup, _, value in series if pod_cgroup]
     return ieee_sum(pod_cgroups or [value for _, value in containers])
 
 
-def input_series_by_rules(labels):
-    """((cluster, job, namespace, pod), series key) of one input series, or None.
+def input_series_by_rules(labels, metric=''):
+    """((cluster, job, namespace, pod), series key) of one input series of metric, or None.
 
     The series key holds the labels by which the store tells input series
     of one pod and metric apart (k8s_exporter.SeriesKey); cAdvisor's other
@@ -758,36 +798,61 @@ def input_series_by_rules(labels):
         return None
     namespace, pod, container = owner
     output = (labels.get('cluster') or DEFAULT_CLUSTER, labels.get('job') or '', namespace, pod)
+    part = labels.get(PART_LABEL[metric]) or '' if metric in PART_LABEL else ''
     return output, (is_pod_cgroup_series(labels), container, labels.get('id') or '',
-                    labels.get('image') or '', labels.get('device') or '')
+                    labels.get('image') or '', labels.get('device') or '', part)
 
 
-def expected_pod_values(tables):
+def expected_pod_values(tables, metrics=EXPORTED_METRICS):
     """{(metric, cluster, job, namespace, pod): value} after writing tables in order.
 
     Per input series the newest timestamp wins and an older or equal one is
     ignored (of a series written twice at one time, the first wins); a stale
-    marker removes the series.
+    marker ends the series, and later samples no newer than it cannot bring
+    it back. Of the series of one pod and metric that stand for the same
+    thing (pod cgroup or not, container, device, part), the one with the
+    newest sample counts, on equal timestamps the one written last; for a
+    counter every container counts at its last value, ended or not. Nothing
+    counts when every series of the pod's metric has ended.
     """
-    latest = {}     # (metric, output labels, series key) -> (timestamp, value)
+    latest = {}     # (metric, output labels, series key) -> [timestamp, arrival, value, ended]
+    arrival = 0
     for table in tables:
         for labels, samples in table:
             metric = labels.get('__name__')
-            identity = input_series_by_rules(labels) if metric in EXPORTED_METRICS else None
+            identity = input_series_by_rules(labels, metric) if metric in metrics else None
             if identity is None:
                 continue
             key = (metric, *identity)
             for value, timestamp in samples:
+                arrival += 1
                 if key in latest and timestamp <= latest[key][0]:
                     continue
                 if bits_of(value) == STALE_NAN_BITS:
-                    latest.pop(key, None)
+                    if key in latest and not latest[key][3]:
+                        latest[key] = [timestamp, arrival, latest[key][2], True]
                 else:
-                    latest[key] = (timestamp, value)
+                    latest[key] = [timestamp, arrival, value, False]
     per_pod = {}
-    for (metric, output, (pod_cgroup, _, _, _, device)), (_, value) in latest.items():
-        per_pod.setdefault((metric, *output), []).append((pod_cgroup, device, value))
-    values = {key: pod_value_by_rules(key[0], series) for key, series in per_pod.items()}
+    for (metric, output, series_key), entry in latest.items():
+        per_pod.setdefault((metric, *output), []).append((series_key, entry))
+    values = {}
+    for pod_metric, held in per_pod.items():
+        metric = pod_metric[0]
+        if all(ended for _, (_, _, _, ended) in held):
+            continue
+        counted = {}
+        for (pod_cgroup, container, _, _, device, part), entry in held:
+            timestamp, arrival, value, ended = entry
+            if metric in COUNTERS and not pod_cgroup:
+                counted[len(counted), 'generation'] = (pod_cgroup, container, device, value)
+                continue
+            if ended:
+                continue
+            stands_for = (pod_cgroup, container, device, part)
+            if stands_for not in counted or (timestamp, arrival) > counted[stands_for][4:]:
+                counted[stands_for] = (pod_cgroup, container, device, value, timestamp, arrival)
+        values[pod_metric] = pod_value_by_rules(metric, [entry[:4] for entry in counted.values()])
     return {key: value for key, value in values.items() if value is not None}
 
 
@@ -962,15 +1027,15 @@ def test_config_rejects_a_bad_value_naming_the_variable(name, value, message):
 
 
 def test_metrics_variable_replaces_the_five_and_unknown_names_get_a_generic_help():
-    app = fresh_app(metrics=('container_memory_rss', 'container_memory_usage_bytes'))
-    table = [(cadvisor('container_memory_rss', 'ns', 'p'), [(7, 1)]),
+    app = fresh_app(metrics=('container_memory_swap', 'container_memory_usage_bytes'))
+    table = [(cadvisor('container_memory_swap', 'ns', 'p'), [(7, 1)]),
              (cadvisor('container_memory_usage_bytes', 'ns', 'p'), [(8, 1)]),
              (cadvisor('container_fs_usage_bytes', 'ns', 'p', 'c', '/x/pod1/c'), [(9, 1)])]
     assert call_wsgi(app, 'POST', '/write', rw1_body(table))[0] == 204
     assert pod_families(scrape(app)) == (
-        '# HELP container_memory_rss cAdvisor container_memory_rss, one value per pod\n'
-        '# TYPE container_memory_rss gauge\n'
-        'container_memory_rss{cluster="k8s-cluster",item="container_memory_rss",'
+        '# HELP container_memory_swap cAdvisor container_memory_swap, one value per pod\n'
+        '# TYPE container_memory_swap gauge\n'
+        'container_memory_swap{cluster="k8s-cluster",item="container_memory_swap",'
         'job="kubernetes-cadvisor",namespace="ns",pod="p"} 7\n'
         '# HELP container_memory_usage_bytes The current memory usage of the container '
         '(unit: bytes)\n'
@@ -1336,10 +1401,11 @@ def capture_samples(name):
     return [(metric, dict(labels), value) for metric, labels, value in _parsed_capture(name)]
 
 
-def expected_capture_values(samples, job=CAPTURE_JOB, cluster=None):
+def expected_capture_values(samples, job=CAPTURE_JOB, cluster=None, metrics=EXPORTED_METRICS):
     """What the model makes of one scrape of samples, with prometheus1's cluster label."""
     return expected_pod_values([capture_table(samples, job, CAPTURE_TIMESTAMP_MS,
-                                              {'cluster': cluster} if cluster else None)])
+                                              {'cluster': cluster} if cluster else None)],
+                               metrics)
 
 
 def post_samples(app, samples, protocol, timestamp_ms=CAPTURE_TIMESTAMP_MS):
@@ -2042,6 +2108,164 @@ def test_fast_paths_decode_exactly_as_the_full_path_on_every_fixture(capture, pr
 
 
 ###############################################################################
+# The metrics pods are judged by: CPU usage, working set, network #############
+###############################################################################
+
+REAL_CAPTURES = (CAPTURE_EKS_1_21, CAPTURE_MINIKUBE_1_22, CAPTURE_KIND_1_16,
+                 CAPTURE_MINIKUBE_1_35, CAPTURE_LEGACY_GKE)
+# Which of them carry each metric beyond the five, read off the captures
+# with grep: every capture has CPU usage (the legacy GKE node per CPU, with
+# one CPU); the minikube extracts carry no working set and no network.
+CAPTURES_WITH = {
+    CPU_USAGE: set(REAL_CAPTURES),
+    'container_memory_working_set_bytes': {CAPTURE_EKS_1_21, CAPTURE_KIND_1_16,
+                                           CAPTURE_LEGACY_GKE},
+    'container_network_receive_bytes_total': {CAPTURE_EKS_1_21, CAPTURE_KIND_1_16,
+                                              CAPTURE_LEGACY_GKE},
+}
+
+
+@pytest.mark.parametrize('capture', REAL_CAPTURES)
+def test_every_known_metric_of_a_real_capture_is_made_by_the_readme_rules(capture):
+    samples = capture_samples(capture)
+    app = fresh_app(metrics=KNOWN_METRICS)
+    post_samples(app, samples, 1)
+    served = pod_values_in(scrape(app))
+    assert served == expected_capture_values(samples, metrics=KNOWN_METRICS)
+    for metric, captures in CAPTURES_WITH.items():
+        # Where a capture lacks a metric, its pods have no line for it.
+        assert any(key[0] == metric for key in served) == (capture in captures), metric
+
+
+def test_the_default_output_is_the_five_whatever_else_arrives():
+    app = fresh_app()
+    samples = capture_samples(CAPTURE_EKS_1_21)
+    post_samples(app, samples, 1)
+    assert {key[0] for key in pod_values_in(scrape(app))} == set(EXPORTED_METRICS)
+
+
+def test_cpu_usage_is_a_counter_and_every_family_keeps_the_five_labels():
+    app = fresh_app(metrics=KNOWN_METRICS)
+    post_samples(app, capture_samples(CAPTURE_EKS_1_21), 1)
+    page = scrape(app)
+    types = dict(re.findall(r'^# TYPE (\S+) (\S+)$', page, re.M))
+    assert {name: kind for name, kind in types.items() if name.startswith('container_')} == {
+        name: 'counter' if name in COUNTERS else 'gauge' for name in KNOWN_METRICS}
+    names = [name for name in types if name.startswith('container_')]
+    assert names == sorted(names)
+    pod_values_in(page)      # every line has exactly the five output labels
+
+
+def test_cpu_usage_of_a_pod_cgroup_is_the_sum_over_its_cpus():
+    # Old kubelets give one series per CPU; modern ones one with cpu="total".
+    app = fresh_app(metrics=(CPU_USAGE,))
+    post(app, [(cadvisor(CPU_USAGE, 'ns', 'p', cgroup=POD_UID_OLD, cpu=f'cpu{n:02d}'),
+                [(value, 1000)]) for n, value in enumerate((1.5, 2.25, 0.125, 4.0))]
+         + [(cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', cpu='cpu00'),
+             [(99.0, 1000)])])
+    assert value_of(app, CPU_USAGE) == 7.875
+
+
+def test_cpu_usage_without_a_pod_cgroup_sums_containers_over_their_cpus():
+    app = fresh_app(metrics=(CPU_USAGE,))
+    post(app, [(cadvisor(CPU_USAGE, 'ns', 'p', container, f'{POD_UID_OLD}/{container}',
+                         cpu=cpu), [(value, 1000)])
+               for container, cpu, value in (('POD', 'cpu00', 0.5), ('POD', 'cpu01', 0.25),
+                                             ('app', 'cpu00', 10.0), ('app', 'cpu01', 20.0))])
+    assert value_of(app, CPU_USAGE) == 30.75
+
+
+def test_a_restarted_containers_cpu_seconds_stay_in_the_pods_counter():
+    # No pod cgroup series (kubelet < 1.16, CRI stats): the pod is the sum
+    # of its containers, and a counter must not fall when one restarts.
+    app = fresh_app(metrics=(CPU_USAGE,), ttl_seconds=10)
+    old = cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', cpu='total')
+    new = cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c2', cpu='total')
+    sidecar = cadvisor(CPU_USAGE, 'ns', 'p', 'sidecar', f'{POD_UID_OLD}/s1', cpu='total')
+    post(app, [(old, [(100.0, 1000)]), (sidecar, [(1.0, 1000)])])
+    assert value_of(app, CPU_USAGE) == 101.0
+    post(app, [(new, [(2.0, 2000)]), (sidecar, [(1.5, 2000)])])
+    assert value_of(app, CPU_USAGE) == 103.5
+    between = time.monotonic()
+    time.sleep(0.01)
+    post(app, [(new, [(5.0, 3000)]), (sidecar, [(2.0, 3000)])])
+    app.store.expire(now=between + 10)          # the old container is forgotten
+    assert counted_ids(app, CPU_USAGE) == {f'{POD_UID_OLD}/c2': True, f'{POD_UID_OLD}/s1': True}
+    assert value_of(app, CPU_USAGE) == 107.0    # its 100 s are carried
+    # It restarts again: both earlier containers' seconds stay.
+    newest = cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c3', cpu='total')
+    between = time.monotonic()
+    time.sleep(0.01)
+    post(app, [(newest, [(0.5, 4000)]), (sidecar, [(2.5, 4000)])])
+    app.store.expire(now=between + 10)
+    assert value_of(app, CPU_USAGE) == 108.0    # 100 + 5 carried, 0.5 + 2.5 live
+
+
+def test_a_counters_container_ended_by_a_stale_marker_counts_once_when_it_comes_back():
+    # A failed scrape sends stale markers for every series of the target;
+    # the next scrape brings them back.
+    app = fresh_app(metrics=(CPU_USAGE,))
+    app_container = cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', cpu='total')
+    sidecar = cadvisor(CPU_USAGE, 'ns', 'p', 'sidecar', f'{POD_UID_OLD}/s1', cpu='total')
+    post(app, [(app_container, [(100.0, 1000)]), (sidecar, [(1.0, 1000)])])
+    post(app, [(app_container, [(STALE_NAN, 2000)])])
+    assert value_of(app, CPU_USAGE) == 101.0     # ended at its last value
+    post(app, [(app_container, [(103.0, 3000)])])
+    assert value_of(app, CPU_USAGE) == 104.0
+    post(app, [(app_container, [(STALE_NAN, 4000)]), (sidecar, [(STALE_NAN, 4000)])])
+    assert value_of(app, CPU_USAGE) is None      # every series ended: the pod leaves
+
+
+def test_a_recreated_pods_cpu_counter_starts_again_from_its_new_pod_cgroup():
+    app = fresh_app(metrics=(CPU_USAGE,))
+    post(app, [(cadvisor(CPU_USAGE, 'ns', 'p', cgroup=POD_UID_OLD, cpu='total'),
+                [(500.0, 1000)])])
+    post(app, [(cadvisor(CPU_USAGE, 'ns', 'p', cgroup=POD_UID_NEW, cpu='total'),
+                [(3.0, 2000)])])
+    assert value_of(app, CPU_USAGE) == 3.0
+
+
+NETWORK_RX = 'container_network_receive_bytes_total'
+
+
+@pytest.mark.parametrize('sandbox', ['POD', ''], ids=['docker-POD', 'containerd-pause'])
+def test_network_counters_come_from_the_sandbox_summed_over_interfaces(sandbox):
+    app = fresh_app(metrics=(NETWORK_RX,))
+    post(app, [(cadvisor(NETWORK_RX, 'ns', 'p', sandbox, f'{POD_UID_OLD}/p1', interface=name),
+                [(value, 1000)]) for name, value in (('eth0', 1000.0), ('tunl0', 24.0))]
+         + [(cadvisor(NETWORK_RX, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', interface='eth0'),
+             [(1000.0, 1000)]),
+            (cadvisor(NETWORK_RX, 'ns', 'p', cgroup=POD_UID_OLD, interface='eth0'),
+             [(5000.0, 1000)])])
+    assert value_of(app, NETWORK_RX) == 1024.0
+
+
+def test_the_memory_limit_is_the_pod_cgroups_and_0_means_none():
+    app = fresh_app(metrics=(POD_LIMIT,))
+    post(app, [(cadvisor(POD_LIMIT, 'ns', 'limited', cgroup=POD_UID_OLD), [(268435456, 1)]),
+               (cadvisor(POD_LIMIT, 'ns', 'limited', 'app', f'{POD_UID_OLD}/c1'),
+                [(134217728, 1)]),
+               (cadvisor(POD_LIMIT, 'ns', 'unlimited', cgroup=POD_UID_NEW), [(0, 1)]),
+               (cadvisor(POD_LIMIT, 'ns', 'containers-only', 'app', f'{POD_UID_NEW}ab/c1'),
+                [(134217728, 1)])])
+    assert {key[4]: value for key, value in pod_values_in(scrape(app)).items()} == {
+        'limited': 268435456, 'unlimited': 0}
+
+
+@pytest.mark.parametrize('name', ['container_memory_swap', 'container_fs_inodes_free'])
+def test_an_unknown_metric_name_is_a_gauge_with_a_generic_help_and_its_prefix_rule(name):
+    app = fresh_app(metrics=(name,))
+    post(app, [(cadvisor(name, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', device='/dev/vda1'),
+                [(4, 1)]), (cadvisor(name, 'ns', 'p', cgroup=POD_UID_OLD), [(10, 1)])])
+    page = scrape(app)
+    assert f'# HELP {name} cAdvisor {name}, one value per pod\n# TYPE {name} gauge\n' in page
+    # fs names sum containers; others take the pod cgroup.
+    assert pod_values_in(page, metrics=(name,)) == {
+        (name, DEFAULT_CLUSTER, 'kubernetes-cadvisor', 'ns', 'p'):
+            4 if name.startswith('container_fs_') else 10}
+
+
+###############################################################################
 # The store ###################################################################
 ###############################################################################
 
@@ -2169,15 +2393,16 @@ def test_series_limit_warning_is_logged_at_most_once_a_minute(caplog):
         'repeats at most once a minute)'] * 2
 
 
-def test_two_series_of_one_pod_never_overwrite_each_other():
-    # containerd: pause and pod cgroup differ only by id.
-    app = fresh_app(metrics=('container_cpu_usage_seconds_total',))
-    base = cadvisor('container_cpu_usage_seconds_total', 'ns', 'p')
-    table = [({**base, 'id': '/kubepods/podab/p1'}, [(1, 1)]),
-             ({**base, 'id': '/kubepods/podab/p2'}, [(2, 1)]),
-             ({**base, 'id': '/kubepods/podab/p2', 'image': 'x'}, [(4, 1)])]
-    post(app, table)
-    assert 'job="kubernetes-cadvisor",namespace="ns",pod="p"} 7\n' in scrape(app)
+def test_series_that_stand_for_different_things_never_overwrite_each_other():
+    # containerd: the pause container and the pod cgroup differ only by id;
+    # one container's fs series differ only by device.
+    app = fresh_app(metrics=(FS_USAGE,))
+    pause = cadvisor(FS_USAGE, 'ns', 'p', cgroup='/kubepods/podab/p1', device='/dev/vda1')
+    app_container = cadvisor(FS_USAGE, 'ns', 'p', 'app', '/kubepods/podab/c1',
+                             device='/dev/vda1')
+    post(app, [(pause, [(1, 1)]), (app_container, [(2, 1)]),
+               ({**app_container, 'device': '/dev/vdb'}, [(4, 1)])])
+    assert fs_usage_of(app) == 7
 
 
 def test_a_scrape_sees_all_of_a_write_request_or_none_of_it():
@@ -2207,6 +2432,265 @@ def test_a_scrape_sees_all_of_a_write_request_or_none_of_it():
         thread.join(timeout=30)
     assert errors == []
     assert memory_of(app, 'pod-000') == 39
+
+
+###############################################################################
+# Through a pod's life: restarts, re-created pods, HA senders, replays ########
+###############################################################################
+
+MEMORY_MAX = 'container_memory_max_usage_bytes'
+POD_UID_OLD = '/kubepods/burstable/pod0e5c1d2a-0000-4000-8000-000000000001'
+POD_UID_NEW = '/kubepods/burstable/pod0e5c1d2a-0000-4000-8000-000000000002'
+
+
+def container_series(metric, container, cgroup_id, pod='p', **extra):
+    return cadvisor(metric, 'ns', pod, container, cgroup_id, **extra)
+
+
+def counted_ids(app, metric, pod='p', namespace='ns'):
+    """{id: counted?} of every input series the store holds for one pod's metric."""
+    held = app.store.pod_series(PodKey(DEFAULT_CLUSTER, 'kubernetes-cadvisor', namespace, pod))
+    return {key.id: counted for key, _, counted in held.get(metric, [])}
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_a_restarted_container_replaces_its_old_series_for_every_metric(protocol):
+    # New cgroup id, same container name. The old series get no stale marker
+    # (kubelet timestamps) and stay until the TTL, but no longer count.
+    app = fresh_app()
+    old = f'{POD_UID_OLD}/aaaa'
+    new = f'{POD_UID_OLD}/bbbb'
+    post(app, [(container_series(FS_USAGE, 'app', old, device='/dev/vda1'), [(300, 1000)]),
+               (container_series(MEMORY, 'app', old), [(7000, 1000)])], protocol)
+    assert (fs_usage_of(app), memory_of(app)) == (300, 7000)
+    post(app, [(container_series(FS_USAGE, 'app', new, device='/dev/vda1'), [(20, 2000)]),
+               (container_series(MEMORY, 'app', new), [(1200, 2000)])], protocol)
+    assert (fs_usage_of(app), memory_of(app)) == (20, 1200)
+    assert counted_ids(app, FS_USAGE) == {old: False, new: True}
+    assert self_metric(scrape(app), 'k8s_exporter_input_series') == 4
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_a_recreated_pod_counts_only_its_new_pod_cgroup(protocol):
+    # A StatefulSet pod keeps its namespace and name and gets a new uid.
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)])], protocol)
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 2000)])], protocol)
+    assert memory_of(app) == 1200
+    assert counted_ids(app, MEMORY) == {POD_UID_OLD: False, POD_UID_NEW: True}
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_the_pause_container_is_replaced_by_the_new_sandbox(protocol):
+    # docker's POD container and containerd's unnamed pause container are
+    # the pod's sandbox; a new sandbox replaces the old one.
+    app = fresh_app(metrics=(FS_USAGE,))
+    post(app, [(container_series(FS_USAGE, 'POD', '/docker/p1', device='/dev/vda1'), [(8, 1)]),
+               (container_series(FS_USAGE, '', f'{POD_UID_OLD}/p1', device='/dev/vda1'),
+                [(16, 1)])], protocol)
+    post(app, [(container_series(FS_USAGE, 'POD', '/docker/p2', device='/dev/vda1'), [(1, 2)]),
+               (container_series(FS_USAGE, '', f'{POD_UID_OLD}/p2', device='/dev/vda1'),
+                [(2, 2)])], protocol)
+    assert fs_usage_of(app) == 3
+
+
+def test_an_old_series_with_a_newer_sample_counts_again():
+    # Which one counts is decided by sample time, not by which id is newer.
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 2000)])])
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7100, 3000)])])
+    assert memory_of(app) == 7100
+
+
+@pytest.mark.parametrize('order', ['old-first', 'new-first'])
+def test_on_equal_timestamps_the_series_that_arrived_last_counts(order):
+    app = fresh_app()
+    rows = [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)]),
+            (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 1000)])]
+    if order == 'new-first':
+        rows.reverse()
+    post(app, rows)
+    assert memory_of(app) == rows[-1][1][0][0]
+    post(app, [rows[0]])          # the same sample again: ignored, changes nothing
+    assert memory_of(app) == rows[-1][1][0][0]
+
+
+def test_a_repeated_value_of_a_replaced_series_that_becomes_newest_re_renders():
+    # The value repeats, but the series it belongs to now counts.
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 2000)])])
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 3000)])])
+    assert memory_of(app) == 7000
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_ha_senders_interleaved_and_one_lagging_the_newest_sample_wins(protocol):
+    # Two prometheus1 replicas write the same series; they differ only by
+    # an external replica label, which the exporter does not export.
+    app = fresh_app()
+    series = {replica: cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD, replica=replica)
+              for replica in ('a', 'b')}
+    shown = []
+    for replica, value, timestamp in [('a', 10, 1000), ('b', 10, 1000), ('a', 20, 2000),
+                                      ('b', 20, 2000), ('a', 30, 3000), ('b', 15, 1500),
+                                      ('b', 30, 3000), ('a', 40, 4000), ('b', 35, 3500)]:
+        post(app, [(series[replica], [(value, timestamp)])], protocol)
+        shown.append(memory_of(app))
+    assert shown == [10, 10, 20, 20, 30, 30, 30, 40, 40]
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_a_replayed_wal_never_moves_a_value_back(protocol):
+    # prometheus1 restarts and sends what it had sent before, in order:
+    # across a container restart and a re-created pod.
+    app = fresh_app()
+    history = [
+        [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(100, 1000)]),
+         (container_series(FS_USAGE, 'app', f'{POD_UID_OLD}/aaaa', device='/dev/vda1'),
+          [(300, 1000)])],
+        [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(110, 2000)]),
+         (container_series(FS_USAGE, 'app', f'{POD_UID_OLD}/bbbb', device='/dev/vda1'),
+          [(20, 2000)])],
+        [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(50, 3000)]),
+         (container_series(FS_USAGE, 'app', f'{POD_UID_NEW}/cccc', device='/dev/vda1'),
+          [(5, 3000)])],
+    ]
+    for table in history:
+        post(app, table, protocol)
+    for table in history:      # the replay
+        post(app, table, protocol)
+        assert (memory_of(app), fs_usage_of(app)) == (50, 5)
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_a_series_ended_by_a_stale_marker_is_not_brought_back_by_older_samples(protocol):
+    app = fresh_app()
+    labels = cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD)
+    post(app, [(labels, [(100, 1000), (110, 2000)])], protocol)
+    post(app, [(labels, [(STALE_NAN, 3000)])], protocol)
+    assert memory_of(app) is None
+    post(app, [(labels, [(100, 1000), (110, 2000), (120, 3000)])], protocol)   # a replay
+    assert memory_of(app) is None
+    page = scrape(app)
+    assert [self_metric(page, name) for name in ('k8s_exporter_pods',
+                                                 'k8s_exporter_input_series')] == [0, 0]
+    post(app, [(labels, [(130, 4000)])], protocol)    # newer than the marker: it is back
+    assert memory_of(app) == 130
+
+
+def test_a_stale_marker_of_the_old_container_leaves_the_new_one_counting():
+    # With track_timestamps_staleness the old container's end arrives after
+    # the new container's first sample, in the same scrape.
+    app = fresh_app(metrics=(FS_USAGE,))
+    old = container_series(FS_USAGE, 'app', f'{POD_UID_OLD}/aaaa', device='/dev/vda1')
+    new = container_series(FS_USAGE, 'app', f'{POD_UID_OLD}/bbbb', device='/dev/vda1')
+    post(app, [(old, [(300, 1000)])])
+    post(app, [(new, [(20, 2000)]), (old, [(STALE_NAN, 2000)])])
+    assert fs_usage_of(app) == 20
+    assert counted_ids(app, FS_USAGE) == {f'{POD_UID_OLD}/aaaa': False,
+                                          f'{POD_UID_OLD}/bbbb': True}
+
+
+def test_replaced_series_are_held_until_the_ttl_then_forgotten_without_changing_the_value():
+    app = fresh_app(ttl_seconds=10)
+    store = app.store
+    old = container_series(MEMORY, 'app', f'{POD_UID_OLD}/aaaa')
+    new = container_series(MEMORY, 'app', f'{POD_UID_OLD}/bbbb')
+    post(app, [(old, [(300, 1000)])])
+    post(app, [(new, [(20, 2000)])])
+    assert self_metric(scrape(app), 'k8s_exporter_input_series') == 2
+    between = time.monotonic()
+    store.expire(now=between + 5)       # both arrived under 10 s before
+    assert counted_ids(app, MEMORY) == {f'{POD_UID_OLD}/aaaa': False,
+                                        f'{POD_UID_OLD}/bbbb': True}
+    time.sleep(0.01)
+    post(app, [(new, [(21, 3000)])])
+    store.expire(now=between + 10)      # old arrived more than 10 s before, new less
+    assert counted_ids(app, MEMORY) == {f'{POD_UID_OLD}/bbbb': True}
+    assert memory_of(app) == 21
+    assert self_metric(scrape(app), 'k8s_exporter_expired_series_total') == 1
+
+
+def test_a_deleted_pod_leaves_at_its_stale_markers_and_its_ended_series_at_the_ttl():
+    app = fresh_app(ttl_seconds=10)
+    labels = cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD)
+    post(app, [(labels, [(100, 1000)])])
+    post(app, [(labels, [(STALE_NAN, 2000)])])
+    assert memory_of(app) is None
+    assert counted_ids(app, MEMORY) == {POD_UID_OLD: False}    # held, ended
+    app.store.expire(now=time.monotonic() + 11)
+    assert counted_ids(app, MEMORY) == {}
+    assert app.store.pod_series(PodKey(DEFAULT_CLUSTER, 'kubernetes-cadvisor', 'ns', 'p')) == {}
+
+
+def test_ended_series_count_towards_the_series_limit_until_the_ttl():
+    # They hold memory, so the limit that bounds memory counts them.
+    app = fresh_app(max_series=1)
+    first = cadvisor(MEMORY, 'ns', 'a', cgroup=POD_UID_OLD)
+    post(app, [(first, [(1, 1000)])])
+    post(app, [(first, [(STALE_NAN, 2000)])])
+    status, _, body = post(app, [(cadvisor(MEMORY, 'ns', 'b', cgroup=POD_UID_NEW), [(2, 3000)])])
+    assert (status, memory_of(app, 'b')) == (400, None)
+    assert b'K8S_EXPORTER_MAX_SERIES=1 reached' in body
+
+
+# Kubernetes' CRI stats mode (KEP-2371, feature gate PodAndContainerStatsFromCRI):
+# the kubelet asks the runtime (containerd 2.x, CRI-O) for container stats, and
+# /metrics/cadvisor carries per-container series only: no pod-level cgroup
+# series, no pause container, and `id` is the container's id rather than a
+# cgroup path. Written for these tests from that description (the KEP, and
+# CRI-O's ListPodSandboxMetrics labels: container, id, image, name,
+# namespace, pod); no public capture of a 1.37 kubelet in this mode exists
+# yet. web-0's "app" container restarted once: its old id is still reported
+# with an older timestamp.
+CRI_STATS_CAPTURE = '''\
+# HELP container_fs_usage_bytes Number of bytes that are consumed by the container on this filesystem.
+# TYPE container_fs_usage_bytes gauge
+container_fs_usage_bytes{container="app",device="/dev/vda1",id="3b1f0c9e5d2a",image="registry.k8s.io/app:1.2",name="3b1f0c9e5d2a",namespace="default",pod="web-0"} 90112 1764600000000
+container_fs_usage_bytes{container="app",device="/dev/vda1",id="9f2e7a1b4c3d",image="registry.k8s.io/app:1.2",name="9f2e7a1b4c3d",namespace="default",pod="web-0"} 16384 1764600015000
+container_fs_usage_bytes{container="sidecar",device="/dev/vda1",id="5a6b7c8d9e0f",image="registry.k8s.io/sidecar:0.9",name="5a6b7c8d9e0f",namespace="default",pod="web-0"} 8192 1764600015000
+container_fs_usage_bytes{container="worker",device="/dev/vda1",id="77aa88bb99cc",image="registry.k8s.io/worker:3",name="77aa88bb99cc",namespace="jobs",pod="batch-7x2kq"} 40960 1764600015000
+# HELP container_memory_usage_bytes Current memory usage in bytes, including all memory regardless of when it was accessed
+# TYPE container_memory_usage_bytes gauge
+container_memory_usage_bytes{container="app",id="3b1f0c9e5d2a",image="registry.k8s.io/app:1.2",name="3b1f0c9e5d2a",namespace="default",pod="web-0"} 7.340032e+07 1764600000000
+container_memory_usage_bytes{container="app",id="9f2e7a1b4c3d",image="registry.k8s.io/app:1.2",name="9f2e7a1b4c3d",namespace="default",pod="web-0"} 2.097152e+07 1764600015000
+container_memory_usage_bytes{container="sidecar",id="5a6b7c8d9e0f",image="registry.k8s.io/sidecar:0.9",name="5a6b7c8d9e0f",namespace="default",pod="web-0"} 4.194304e+06 1764600015000
+container_memory_usage_bytes{container="worker",id="77aa88bb99cc",image="registry.k8s.io/worker:3",name="77aa88bb99cc",namespace="jobs",pod="batch-7x2kq"} 1.048576e+08 1764600015000
+'''
+
+
+def cri_stats_table():
+    """The capture as prometheus1 forwards it, with the capture's own timestamps."""
+    table = []
+    for line in CRI_STATS_CAPTURE.splitlines():
+        if line.startswith('#'):
+            continue
+        name, _, rest = line.partition('{')
+        label_text, _, value_and_time = rest.partition('} ')
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        value, timestamp = value_and_time.split()
+        table.append(({'__name__': name, 'job': 'kubernetes-cadvisor', **labels},
+                      [(float(value), int(timestamp))]))
+    return table
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_cri_stats_mode_pods_get_the_sum_of_their_current_containers(protocol):
+    app = fresh_app()
+    post(app, cri_stats_table(), protocol)
+    values = pod_values_in(scrape(app))
+    job = 'kubernetes-cadvisor'
+    assert values == {
+        (FS_USAGE, DEFAULT_CLUSTER, job, 'default', 'web-0'): 16384 + 8192,
+        (FS_USAGE, DEFAULT_CLUSTER, job, 'jobs', 'batch-7x2kq'): 40960,
+        (MEMORY, DEFAULT_CLUSTER, job, 'default', 'web-0'): 20971520 + 4194304,
+        (MEMORY, DEFAULT_CLUSTER, job, 'jobs', 'batch-7x2kq'): 104857600,
+    }
+    assert counted_ids(app, MEMORY, 'web-0', 'default') == {
+        '3b1f0c9e5d2a': False, '9f2e7a1b4c3d': True, '5a6b7c8d9e0f': True}
+
 
 
 ###############################################################################
@@ -3438,6 +3922,631 @@ def test_sigterm_lets_an_in_flight_write_finish_then_gunicorn_exits_0():
 
 
 ###############################################################################
+# Deployment: the image, docker compose, Kubernetes ###########################
+###############################################################################
+
+# The Dockerfile is built with podman (this machine has no Docker daemon),
+# and the image's own filesystem is run: with `podman run` where the OCI
+# runtime works, else by chroot into `podman image mount`, as the image's
+# user, in its working directory, with its command and environment. The
+# manifests and the compose file are checked offline against the Kubernetes
+# API schemas (kubernetes-validate), prometheus-operator's CRD schemas (npm
+# @kubernetes-models/prometheus-operator) and the Compose specification
+# (check-jsonschema); the Prometheus configs beside them with promtool. The
+# sharded StatefulSet's remote_write and the compose pipeline then run with
+# real Prometheus servers on 127.0.0.1.
+
+IMAGE_UNDER_TEST = 'localhost/k8s-exporter:test'
+IMAGE_BASE = 'docker.io/library/debian:bookworm-slim'
+IMAGE_USER = '10001:10001'
+EXAMPLES = HERE / 'examples'
+KUBERNETES_EXAMPLES = EXAMPLES / 'kubernetes'
+
+
+@pytest.fixture
+def prometheus_installed():
+    """Skips as needs_prometheus does (the pipeline section below defines it)."""
+    if needs_prometheus.args[0]:
+        pytest.skip(needs_prometheus.kwargs['reason'])
+
+
+def podman(*args, timeout=60, check=True):
+    return subprocess.run(['podman', *args], capture_output=True, text=True, timeout=timeout,
+                          check=check)
+
+
+@pytest.fixture(scope='module')
+def built_image():
+    """The Dockerfile built by `make image` with podman, from the local base image only."""
+    if shutil.which('podman') is None:
+        pytest.skip('podman not installed: the image tests need Debian\'s podman '
+                    '(`make podman` as root)')
+    if podman('image', 'exists', IMAGE_BASE, check=False).returncode != 0:
+        pytest.skip(f'no {IMAGE_BASE} in podman\'s store (`make base-image` as root)')
+    built = subprocess.run(
+        ['make', '-s', 'image', 'CONTAINER_TOOL=podman', f'IMAGE={IMAGE_UNDER_TEST}',
+         'IMAGE_BUILD_ARGS=--pull=never --quiet'],
+        cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    # The images this tag named before, so that runs do not pile them up.
+    podman('image', 'prune', '--force', '--filter',
+           'label=org.opencontainers.image.title=k8s_exporter', check=False)
+    return IMAGE_UNDER_TEST
+
+
+@pytest.fixture(scope='module')
+def image_config(built_image):
+    """The image's Config; podman reports the healthcheck beside it."""
+    inspected = json.loads(podman('image', 'inspect', built_image).stdout)[0]
+    return {**inspected['Config'], 'Healthcheck': inspected.get('Healthcheck')}
+
+
+@pytest.fixture(scope='module')
+def image_root(built_image):
+    """The image's filesystem, mounted read-only, as a container's root would be."""
+    root = Path(podman('image', 'mount', built_image).stdout.strip())
+    try:
+        yield root
+    finally:
+        podman('image', 'unmount', built_image, check=False)
+
+
+def image_environment(config, **extra):
+    """The image's ENV, plus extra: what a container of it starts with."""
+    return dict(line.split('=', 1) for line in config['Env']) | extra
+
+
+def podman_run_works(image):
+    """'' when `podman run` can start a container here, else why not (its error)."""
+    probe = podman('run', '--rm', '--network=host', image, 'python3', '-c', 'print(6 * 7)',
+                   check=False, timeout=120)
+    if probe.returncode == 0 and probe.stdout.strip() == '42':
+        return ''
+    return (probe.stderr.strip().splitlines() or ['exit %d' % probe.returncode])[-1]
+
+
+# Run as a shell in a mount namespace of its own: the mounts vanish with it,
+# and the image's root stays read-only, as readOnlyRootFilesystem has it.
+CHROOT_LAUNCHER = '''
+set -e
+root=$1; secrets=$2; user=$3; workdir=$4; shift 4
+mount -t proc proc "$root/proc"
+mount --rbind /dev "$root/dev"
+mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
+mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+mount --bind "$secrets" "$root/run"
+exec chroot --userspec="$user" "$root" /usr/bin/env -i -C "$workdir" "$@"
+'''
+
+
+class ImageExporter(StartStop):
+    """The image's command, run from the image's filesystem on a free loopback port.
+
+    `podman run --network=host` where it works; else chroot (how is set to
+    say which). secrets is a host folder that appears as /run in the
+    container, where docker and compose mount their secrets.
+    """
+
+    def __init__(self, image, config, root, secrets, env=None):
+        self.image, self.config, self.root, self.secrets = image, config, root, secrets
+        self.env = image_environment(config, **(env or {}))
+        self.port = free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        self.how = None
+        self.process = None
+        self.log = b''
+
+    def command(self):
+        """The image's CMD with its listen address moved to this test's port."""
+        command = list(self.config['Cmd'])
+        command[command.index('-b') + 1] = f'127.0.0.1:{self.port}'
+        return command
+
+    def start(self):
+        refused = podman_run_works(self.image)
+        if not refused:
+            self.how = 'podman run'
+            argv = ['podman', 'run', '--rm', '--network=host', '--read-only',
+                    '--tmpfs', '/dev/shm', '--tmpfs', '/tmp',
+                    '--volume', f'{self.secrets}:/run:ro',
+                    *[f'--env={name}={value}' for name, value in self.env.items()],
+                    self.image, *self.command()]
+        else:
+            self.how = f'chroot into podman image mount (podman run: {refused})'
+            argv = ['unshare', '--mount', '--propagation', 'private', '--', 'sh', '-c',
+                    CHROOT_LAUNCHER, 'launcher', str(self.root), str(self.secrets),
+                    self.config['User'], self.config['WorkingDir'],
+                    *[f'{name}={value}' for name, value in self.env.items()],
+                    *self.command()]
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.process.poll() is not None or http_request(
+                       self.url + '/-/healthy', timeout=1)[0] == 200,
+                   timeout=60, what='the image\'s exporter to answer /-/healthy')
+        if self.process.poll() is not None:
+            self.stop()
+            pytest.fail(f'the image\'s exporter exited at start-up ({self.how}):\n'
+                        f'{self.log.decode(errors="replace")}')
+        return self
+
+    def stop(self):
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.log, _ = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.log, _ = self.process.communicate()
+        self.process = None
+
+    def metrics(self):
+        status, text = scrape_url(self.url)
+        assert status == 200
+        return text
+
+
+def processes_serving(port):
+    """{pid: (real uid, effective uid, root folder)} of the processes started with
+    127.0.0.1:port in their command line: a gunicorn master and its worker."""
+    found = {}
+    for entry in Path('/proc').iterdir():
+        try:
+            cmdline = (entry / 'cmdline').read_bytes().split(b'\0')
+            if f'127.0.0.1:{port}'.encode() not in cmdline or b'k8s_exporter:app' not in cmdline:
+                continue
+            with open(entry / 'status') as status_file:
+                uids = next(line.split()[1:3] for line in status_file if line.startswith('Uid:'))
+            found[int(entry.name)] = (int(uids[0]), int(uids[1]), os.readlink(entry / 'root'))
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize('docker_answers, tool', [(True, 'docker'), (False, 'podman')],
+                         ids=['docker-daemon', 'no-docker-daemon'])
+def test_make_image_builds_with_docker_when_its_daemon_answers_else_podman(tmp_path,
+                                                                           docker_answers, tool):
+    # A docker client that answers `docker info` as a daemon would, or as
+    # this machine's does without one.
+    (tmp_path / 'docker').write_text(f'#!/bin/sh\nexit {0 if docker_answers else 1}\n')
+    (tmp_path / 'docker').chmod(0o755)
+    planned = subprocess.run(['make', '-s', '-n', 'image'], cwd=HERE, capture_output=True,
+                             text=True, timeout=60,
+                             env={**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}'})
+    command = ' '.join(planned.stdout.replace('\\\n', ' ').split())
+    assert command.startswith(f'{tool} build '), command
+    assert ('--isolation chroot --format docker' in command) == (tool == 'podman'), command
+    assert command.endswith(' -t k8s-exporter:latest .'), command
+
+
+def test_image_is_configured_as_the_readme_says(image_config):
+    assert image_config['User'] == IMAGE_USER
+    assert image_config['WorkingDir'] == '/app'
+    assert set(image_config['ExposedPorts']) == {'9201/tcp'}
+    # make run's command; the worker's heartbeat file off the root filesystem.
+    assert image_config['Cmd'] == ['gunicorn', '-w', '1', '--threads', '8', '-b', '0.0.0.0:9201',
+                                   '--worker-tmp-dir', '/dev/shm', 'k8s_exporter:app']
+    assert image_config['Healthcheck'], 'no HEALTHCHECK: podman keeps it only with --format docker'
+    assert image_config['Healthcheck']['Test'][:2] == ['CMD', 'python3']
+    assert '/-/healthy' in image_config['Healthcheck']['Test'][-1]
+    # make image labels the build with the commit ('dev' outside a git checkout).
+    described = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=HERE,
+                               capture_output=True, text=True, timeout=30)
+    labels = image_config['Labels']
+    assert labels['org.opencontainers.image.version'] == (described.stdout.strip() or 'dev')
+    assert 'org.opencontainers.image.source' in labels
+
+
+def test_image_holds_python3_the_venv_and_the_exporter_and_nothing_to_build_with(image_root):
+    assert sorted(path.name for path in (image_root / 'app').iterdir()) == [
+        'gunicorn.conf.py', 'k8s_exporter.py', 'remote_pb2.py']
+    assert (image_root / 'app' / 'k8s_exporter.py').read_bytes() == \
+        (HERE / 'k8s_exporter.py').read_bytes()
+    site = next((image_root / 'opt' / 'k8s-exporter' / 'lib').glob('python3*')) / 'site-packages'
+    installed = {path.name.split('-')[0].lower() for path in site.glob('*.dist-info')}
+    wanted = {line.split('==')[0].lower().replace('-', '_') for line in
+              (HERE / 'requirements.txt').read_text().splitlines()
+              if line and not line.startswith('#')}
+    # The three, and cramjam, python-snappy's codec.
+    assert installed == wanted | {'cramjam'}
+    for absent in ('opt/k8s-exporter/bin/pip', 'usr/bin/pip3', 'usr/bin/gcc', 'usr/bin/cc',
+                   'usr/lib/python3.11/ensurepip', 'root/.cache/pip'):
+        assert not (image_root / absent).exists(), absent
+    assert not list((image_root / 'var' / 'lib' / 'apt' / 'lists').glob('*_Packages'))
+
+
+def test_image_serves_a_real_prometheus1_write_as_its_non_root_user_on_a_read_only_root(
+        built_image, image_config, image_root, tmp_path, prometheus_installed, capsys):
+    text = capture_text(SYNTHETIC_MODERN)
+    expected = e2e_expected_values(text, 'kubelet')
+    secrets = tmp_path / 'secrets'
+    secrets.mkdir()
+    (secrets / 'write-token').write_text('image-test-token\n')
+    with pytest.raises(OSError, match='Read-only file system'):
+        (image_root / 'app' / 'written').write_text('')
+    with contextlib.ExitStack() as stack:
+        exporter = ImageExporter(built_image, image_config, image_root, secrets, {
+            'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': '/run/write-token'})
+        stack.enter_context(exporter)
+        with capsys.disabled():
+            print(f'\n  image {built_image} run by {exporter.how}', flush=True)
+        # Master and worker, as the image's numeric user; by chroot, in the image's root.
+        served_by = wait_until(lambda: len(processes_serving(exporter.port)) == 2 and
+                               processes_serving(exporter.port), 20, 'gunicorn and its worker')
+        for uid, euid, root in served_by.values():
+            assert (uid, euid) == (10001, 10001)
+            assert root == str(image_root) or exporter.how == 'podman run'
+        endpoint = stack.enter_context(CadvisorEndpoint(text))
+        entry = remote_write_entry(exporter.url + '/write')
+        entry['authorization'] = {'credentials_file': str(secrets / 'write-token')}
+        prometheus1 = start_prometheus(stack, prometheus1_config(
+            {'kubelet': endpoint.address}, [entry], E2E_CLUSTER), 'prometheus1')
+        wait_in_pipeline(lambda: exporter_pod_values(exporter) == expected, 40,
+                         f'the image\'s exporter to hold {len(expected)} pod series',
+                         [prometheus1])
+        assert_remote_write_failed_nothing(prometheus1)
+        # The credential is a file mounted in: without it, writes are refused.
+        assert write(exporter.url, seed_table())[0] == 401
+        # The image's healthcheck, pointed at this test's port.
+        healthcheck = [word.replace('9201', str(exporter.port))
+                       for word in image_config['Healthcheck']['Test'][1:]]
+        checked = subprocess.run(['chroot', f'--userspec={IMAGE_USER}', str(image_root),
+                                  *healthcheck], capture_output=True, timeout=30)
+        assert checked.returncode == 0, checked.stderr
+    healthcheck_when_down = subprocess.run(['chroot', f'--userspec={IMAGE_USER}', str(image_root),
+                                            *healthcheck], capture_output=True, timeout=30)
+    assert healthcheck_when_down.returncode != 0
+
+
+# Kubernetes manifests.
+
+NPM_MODULES = VENV_BIN.parent / 'npm'
+SHARDS_SCRIPT = KUBERNETES_EXAMPLES / 'shards.py'
+OPERATOR_EXAMPLES = KUBERNETES_EXAMPLES / 'prometheus-operator'
+
+
+def yaml_documents(path):
+    return [document for document in yaml.safe_load_all(path.read_text(encoding='utf-8'))
+            if document is not None]
+
+
+def kubernetes_objects(path):
+    """{kind: object} of one manifest file."""
+    return {document['kind']: document for document in yaml_documents(path)}
+
+
+def render_shards(shards, out):
+    """Run shards.py as `make shards` does; {file name: Path} of what it wrote."""
+    made = subprocess.run([sys.executable, str(SHARDS_SCRIPT), str(shards), '--out', str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    return {Path(line).name: Path(line) for line in made.stdout.split()}
+
+
+def kubernetes_schema_errors(document):
+    """'' if document passes the Kubernetes API schema of its kind (strict: no
+    unknown fields), else the validator's message."""
+    try:
+        kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return str(error)
+    return ''
+
+
+def core_manifests(tmp_path):
+    paths = sorted(KUBERNETES_EXAMPLES.glob('*.yaml'))
+    return paths + [render_shards(3, tmp_path)['k8s-exporter-shards.yaml']]
+
+
+def test_kubernetes_manifests_pass_the_kubernetes_api_schemas(tmp_path):
+    checked = []
+    for path in core_manifests(tmp_path):
+        for document in yaml_documents(path):
+            assert kubernetes_schema_errors(document) == '', (path.name, document['kind'])
+            checked.append(document['kind'])
+    assert sorted(checked) == ['Deployment', 'NetworkPolicy', 'Secret', 'Service', 'Service',
+                               'StatefulSet']
+
+
+def test_kubernetes_schema_check_refuses_a_misspelt_field():
+    deployment = kubernetes_objects(KUBERNETES_EXAMPLES / 'deployment.yaml')['Deployment']
+    container = deployment['spec']['template']['spec']['containers'][0]
+    container['securityContext']['readOnlyRootFilesytem'] = True
+    assert 'readOnlyRootFilesytem' in kubernetes_schema_errors(deployment)
+
+
+def test_kubernetes_deployment_runs_one_locked_down_exporter_of_the_image():
+    deployment = kubernetes_objects(KUBERNETES_EXAMPLES / 'deployment.yaml')['Deployment']
+    assert 'namespace' not in deployment['metadata']
+    assert deployment['spec']['replicas'] == 1
+    assert deployment['spec']['strategy'] == {'type': 'Recreate'}
+    pod = deployment['spec']['template']['spec']
+    assert pod['securityContext']['runAsNonRoot'] is True
+    assert f'{pod["securityContext"]["runAsUser"]}:{pod["securityContext"]["runAsGroup"]}' == \
+        IMAGE_USER
+    (container,) = pod['containers']
+    assert container['securityContext'] == {
+        'allowPrivilegeEscalation': False, 'readOnlyRootFilesystem': True, 'privileged': False,
+        'capabilities': {'drop': ['ALL']}}
+    assert container['ports'] == [{'name': 'http', 'containerPort': 9201}]
+    probes = {probe: container[probe]['httpGet'] for probe in ('readinessProbe', 'livenessProbe')}
+    assert probes == {'readinessProbe': {'path': '/-/ready', 'port': 'http'},
+                      'livenessProbe': {'path': '/-/healthy', 'port': 'http'}}
+    for probe in probes.values():
+        assert call_wsgi(fresh_app(), 'GET', probe['path'])[0] == 200
+    # Sized from the bench: 64 MiB held 10,000 pods.
+    assert container['resources'] == {'requests': {'cpu': '100m', 'memory': '64Mi'},
+                                      'limits': {'cpu': '1', 'memory': '256Mi'}}
+    assert pod['volumes'] == [{'name': 'credentials', 'secret': {
+        'secretName': kubernetes_objects(KUBERNETES_EXAMPLES / 'secret.yaml')['Secret'][
+            'metadata']['name'], 'optional': True}}]
+    service = kubernetes_objects(KUBERNETES_EXAMPLES / 'service.yaml')['Service']
+    assert service['spec']['selector'] == deployment['spec']['selector']['matchLabels'] == \
+        deployment['spec']['template']['metadata']['labels']
+    assert service['spec']['ports'] == [{'name': 'http', 'port': 9201, 'targetPort': 'http'}]
+
+
+def test_kubernetes_network_policy_admits_only_the_two_prometheus_servers_on_9201():
+    policy = kubernetes_objects(KUBERNETES_EXAMPLES / 'networkpolicy.yaml')['NetworkPolicy']
+    assert policy['spec']['podSelector']['matchLabels'] == {'app.kubernetes.io/name':
+                                                            'k8s-exporter'}
+    assert policy['spec']['policyTypes'] == ['Ingress']
+    (rule,) = policy['spec']['ingress']
+    assert rule['ports'] == [{'port': 9201, 'protocol': 'TCP'}]
+    assert [peer['podSelector']['matchLabels'] for peer in rule['from']] == [
+        {'app.kubernetes.io/name': 'prometheus1'}, {'app.kubernetes.io/name': 'prometheus2'}]
+    text = (KUBERNETES_EXAMPLES / 'networkpolicy.yaml').read_text()
+    assert text.count('# ADAPT') == 4
+
+
+def test_shards_statefulset_runs_the_deployments_pod_on_a_headless_service(tmp_path):
+    deployment = kubernetes_objects(KUBERNETES_EXAMPLES / 'deployment.yaml')['Deployment']
+    shards = kubernetes_objects(render_shards(3, tmp_path)['k8s-exporter-shards.yaml'])
+    statefulset, service = shards['StatefulSet'], shards['Service']
+    # Everything but the commented-out credential variables, which YAML drops.
+    assert statefulset['spec']['template']['spec'] == deployment['spec']['template']['spec']
+    assert statefulset['spec']['replicas'] == 3
+    assert statefulset['spec']['serviceName'] == service['metadata']['name']
+    assert service['spec']['clusterIP'] == 'None'
+    assert service['spec']['selector'] == statefulset['spec']['selector']['matchLabels'] == \
+        statefulset['spec']['template']['metadata']['labels']
+    # Not the single exporter's pods: both may run while moving from one to the other.
+    assert service['spec']['selector'] != deployment['spec']['selector']['matchLabels']
+
+
+def test_shards_script_refuses_fewer_than_two(tmp_path):
+    made = subprocess.run([sys.executable, str(SHARDS_SCRIPT), '1', '--out', str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 2
+    assert 'shards: 2 or more' in made.stderr.splitlines()[-1]
+
+
+def shards_prometheus1_config(files, cadvisor_address, exporter_urls):
+    """The rendered remote_write entries in a prometheus1 config, each URL replaced by
+    a test exporter's and the queue made to ship within a second; nothing else changed."""
+    (remote_write_text,) = yaml_documents(files['prometheus1-remote-write.yaml'])
+    entries = remote_write_text['remote_write']
+    assert len(entries) == len(exporter_urls)
+    for entry, url in zip(entries, exporter_urls):
+        entry['url'] = url + '/write'
+        entry['queue_config'] = remote_write_entry(url)['queue_config']
+    return prometheus1_config({'kubelet': cadvisor_address}, entries, E2E_CLUSTER)
+
+
+def test_shards_remote_write_for_three_passes_promtool(tmp_path, prometheus_installed):
+    files = render_shards(3, tmp_path / 'shards')
+    for name in ('prometheus1-remote-write.yaml', 'prometheus2-scrape.yaml'):
+        path = tmp_path / name
+        path.write_text(json.dumps({'global': {'scrape_interval': '15s'},
+                                    **yaml_documents(files[name])[0]}))
+        status, output = promtool_check_config(path)
+        assert (status, 'SUCCESS' in output) == (0, True), output
+    (scrape,) = yaml_documents(files['prometheus2-scrape.yaml'])[0]['scrape_configs']
+    assert scrape['honor_labels'] is True
+    assert scrape['static_configs'][0]['targets'] == [
+        f'k8s-exporter-{shard}.k8s-exporter-shards.monitoring.svc:9201' for shard in range(3)]
+
+
+def test_shards_for_three_put_each_pod_on_exactly_one_of_three_exporters(tmp_path,
+                                                                          prometheus_installed):
+    files = render_shards(3, tmp_path)
+    text = capture_text(CAPTURE_EKS_1_21)
+    expected = e2e_expected_values(text, 'kubelet')
+    with contextlib.ExitStack() as stack:
+        endpoint = stack.enter_context(CadvisorEndpoint(text, stamp_now=True))
+        exporters = [stack.enter_context(Gunicorn()) for _ in range(3)]
+        prometheus1 = start_prometheus(stack, shards_prometheus1_config(
+            files, endpoint.address, [exporter.url for exporter in exporters]), 'prometheus1')
+        def together():
+            return functools.reduce(operator.or_, map(exporter_pod_values, exporters))
+
+        wait_in_pipeline(lambda: together() == expected, 40,
+                         'the three shards to hold every pod series together', [prometheus1])
+        held = [exporter_pod_values(exporter) for exporter in exporters]
+        assert all(held), [len(values) for values in held]
+        for one, other in ((0, 1), (0, 2), (1, 2)):
+            assert not pods_of(held[one]) & pods_of(held[other]), (one, other)
+        assert sum(map(len, held)) == len(expected)
+        for exporter in exporters:
+            assert_remote_write_failed_nothing(prometheus1, relabelled=True,
+                                               url=exporter.url + '/write')
+
+
+# prometheus-operator objects: against the CRD schemas that
+# @kubernetes-models/prometheus-operator ships (installed by make test with
+# npm), and for the fields that matter.
+
+OPERATOR_VALIDATOR = '''
+import * as models from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1';
+import { readFileSync } from 'node:fs';
+for (const object of JSON.parse(readFileSync(0, 'utf8'))) {
+  try {
+    new models[object.kind](object).validate();
+    console.log('valid');
+  } catch (error) {
+    console.log(error.message.split('\\n')[0]);
+  }
+}
+'''
+
+
+def operator_schema_verdicts(objects):
+    """'valid' or the first line of the schema error, for each object."""
+    if not (NPM_MODULES / 'node_modules' / '@kubernetes-models' / 'prometheus-operator').is_dir():
+        pytest.skip(f'@kubernetes-models/prometheus-operator not in {NPM_MODULES} (make test '
+                    'installs it with npm)')
+    checked = subprocess.run(['node', '--input-type=module', '-e', OPERATOR_VALIDATOR],
+                             input=json.dumps(objects), cwd=NPM_MODULES, capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    return checked.stdout.splitlines()
+
+
+def operator_objects():
+    return [document for path in sorted(OPERATOR_EXAMPLES.glob('*.yaml'))
+            for document in yaml_documents(path)]
+
+
+def test_prometheus_operator_objects_pass_their_crd_schemas():
+    objects = operator_objects()
+    assert sorted(document['kind'] for document in objects) == ['Prometheus', 'ServiceMonitor']
+    assert operator_schema_verdicts(objects) == ['valid', 'valid']
+    broken = [document for document in objects if document['kind'] == 'ServiceMonitor']
+    broken[0]['spec']['endpoints'][0]['honorLabels'] = 'yes'
+    assert operator_schema_verdicts(broken) == [
+        'data/spec/endpoints/0/honorLabels must be boolean']
+
+
+def test_prometheus_operator_objects_keep_labels_and_write_to_the_service():
+    objects = {document['kind']: document for document in operator_objects()}
+    service = kubernetes_objects(KUBERNETES_EXAMPLES / 'service.yaml')['Service']
+    monitor = objects['ServiceMonitor']['spec']
+    assert monitor['endpoints'] == [{'port': 'http', 'path': '/metrics', 'interval': '15s',
+                                     'honorLabels': True}]
+    assert monitor['selector']['matchLabels'].items() <= service['metadata']['labels'].items()
+    (remote_write,) = objects['Prometheus']['spec']['remoteWrite']
+    assert remote_write['url'] == f'http://{service["metadata"]["name"]}.monitoring.svc:9201/write'
+    (keep,) = remote_write['writeRelabelConfigs']
+    assert keep['action'] == 'keep' and keep['sourceLabels'] == ['__name__']
+    names = set(EXPORTED_METRICS) | {'container_cpu_load_d_average_10s',
+                                     'container_memory_working_set_bytes'}
+    assert {name for name in names if re.fullmatch(keep['regex'], name)} == set(EXPORTED_METRICS)
+
+
+# docker compose: the seed's pipeline on one docker host.
+
+COMPOSE_FILE = EXAMPLES / 'docker-compose.yml'
+
+
+def check_compose_schema(path):
+    checked = subprocess.run([str(VENV_BIN / 'check-jsonschema'), '--builtin-schema',
+                              'vendor.compose-spec', str(path)],
+                             capture_output=True, text=True, timeout=120)
+    return checked.returncode, checked.stdout + checked.stderr
+
+
+def test_compose_file_passes_the_compose_specification_schema(tmp_path):
+    if not (VENV_BIN / 'check-jsonschema').exists():
+        pytest.skip('check-jsonschema (requirements-dev.txt) is not installed')
+    assert check_compose_schema(COMPOSE_FILE) == (0, 'ok -- validation done\n')
+    misspelt = tmp_path / 'docker-compose.yml'
+    misspelt.write_text(COMPOSE_FILE.read_text().replace('    read_only: true\n',
+                                                         '    readonly: true\n', 1))
+    status, output = check_compose_schema(misspelt)
+    assert status == 1 and "'readonly' was unexpected" in output, output
+
+
+def test_compose_prometheus_configs_pass_promtool_check_config(prometheus_installed):
+    mounted = [volume.split(':')[0] for service in
+               yaml_documents(COMPOSE_FILE)[0]['services'].values()
+               for volume in service.get('volumes', []) if volume.endswith('prometheus.yml:ro')]
+    assert mounted == ['./docker-prometheus1.yml', './docker-prometheus2.yml']
+    for name in mounted:
+        status, output = promtool_check_config(EXAMPLES / name)
+        assert (status, 'SUCCESS' in output) == (0, True), output
+
+
+def test_compose_capture_is_the_standalone_capture_of_the_fixtures():
+    assert (EXAMPLES / 'cadvisor-standalone.txt').read_bytes() == \
+        capture_path('synthetic-cadvisor-standalone').read_bytes()
+
+
+def compose_service_config(compose, service):
+    """A Prometheus config that compose mounts into service, as a dict."""
+    (volume,) = [volume for volume in compose['services'][service]['volumes']
+                 if volume.endswith(':/etc/prometheus/prometheus.yml:ro')]
+    (config,) = yaml_documents(EXAMPLES / volume.split(':')[0])
+    return config
+
+
+def on_loopback(config, addresses):
+    """config with every scrape target and write URL moved from its compose service
+    (host:port) to a loopback address, and 1 s intervals; nothing else changed."""
+    text = json.dumps(config)
+    for service_address, address in addresses.items():
+        text = text.replace(service_address, address)
+    config = json.loads(text)
+    config['global']['scrape_interval'] = config['global']['evaluation_interval'] = '1s'
+    for job in config['scrape_configs']:
+        job['scrape_timeout'] = '1s'
+    for entry in config.get('remote_write', []):
+        entry['queue_config'] = remote_write_entry(entry['url'])['queue_config']
+    return config
+
+
+def test_compose_pipeline_on_loopback_shows_the_captures_pods_and_no_plain_containers(
+        prometheus_installed):
+    """The compose file's services, each run here as compose runs it but on 127.0.0.1:
+    the capture service's command, the exporter, prometheus1 and prometheus2 with the
+    mounted configs. cAdvisor is a page of plain docker containers, as on a host
+    without Kubernetes."""
+    compose = yaml_documents(COMPOSE_FILE)[0]
+    command = compose['services']['capture']['command']
+    assert command[:2] == ['python3', 'demo_k8s_exporter.py']
+    capture_file = EXAMPLES / 'cadvisor-standalone.txt'
+    plain_containers = ''.join(line + '\n' for line in capture_text(
+        'synthetic-cadvisor-standalone').splitlines()
+        if 'container_label_io_kubernetes' not in line)
+    cluster = compose_service_config(compose, 'prometheus1')['global']['external_labels'][
+        'cluster']
+    capture_port = free_port()
+    arguments = [argument.replace('0.0.0.0:8081', f'127.0.0.1:{capture_port}').replace(
+                 '/capture/cadvisor-standalone.txt', str(capture_file)) for argument in command[2:]]
+    with contextlib.ExitStack() as stack:
+        capture = subprocess.Popen([sys.executable, str(HERE / command[1]), *arguments],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE)
+        stack.callback(lambda: (capture.terminate(), capture.communicate(timeout=30)))
+        wait_until(lambda: http_request(
+            f'http://127.0.0.1:{capture_port}/metrics/cadvisor', timeout=1)[0] == 200, 20,
+            'the capture service')
+        cadvisor = CadvisorEndpoint(plain_containers)
+        cadvisor.path = '/metrics'   # a standalone cAdvisor's, prometheus1's default
+        stack.enter_context(cadvisor)
+        exporter = Gunicorn(env={'K8S_EXPORTER_CLUSTER': 'docker-host'}).start()
+        stack.callback(exporter.stop)
+        addresses = {'capture:8081': f'127.0.0.1:{capture_port}',
+                     'cadvisor:8080': cadvisor.address,
+                     'exporter:9201': f'127.0.0.1:{exporter.port}'}
+        prometheus1 = start_prometheus(stack, on_loopback(
+            compose_service_config(compose, 'prometheus1'), addresses), 'prometheus1')
+        prometheus2 = start_prometheus(stack, on_loopback(
+            compose_service_config(compose, 'prometheus2'), addresses), 'prometheus2')
+        expected = expected_capture_values(read_samples(capture_file.read_text()),
+                                           'cadvisor-capture', cluster)
+        wait_in_pipeline(lambda: exporter_pod_values(exporter) == expected and
+                         prometheus2_pod_values(prometheus2, {addresses['exporter:9201']}) ==
+                         expected, 40, 'the capture\'s pods in the exporter and prometheus2',
+                         [prometheus1, prometheus2])
+        # cAdvisor's plain containers were scraped and written too, and show as no pod.
+        assert cadvisor.requests and prometheus1.query('up{job="cadvisor"} == 1')
+        assert exporter_pod_values(exporter) == expected
+        assert_remote_write_failed_nothing(prometheus1, relabelled=True)
+        capture.terminate()
+        assert capture.wait(30) == 0   # SIGTERM ends it cleanly, as `docker compose down` does
+
+
+###############################################################################
 # The real Prometheus pipeline ################################################
 ###############################################################################
 
@@ -3617,6 +4726,145 @@ def test_prometheus_writes_and_scrapes_over_tls_with_credentials(tmp_path):
         assert http_request(exporter.url + '/metrics', ca_file=exporter.ca_file)[0] == 401
         with pytest.raises(ssl.SSLCertVerificationError):
             http_request(exporter.url + '/-/healthy')      # not signed by a system CA
+
+
+# A pod's life through the pipeline: a container restarts, the pod is
+# re-created, another pod is deleted, while prometheus2 scrapes.
+
+def kubelet_text(pods):
+    """cAdvisor text of pods {name: (pod cgroup id, container id, memory, fs usage)}."""
+    lines = []
+    for name, (pod_cgroup, container_id, memory, fs_usage) in sorted(pods.items()):
+        lines.append(f'container_memory_usage_bytes{{container="",id="{pod_cgroup}",'
+                     f'namespace="ns",pod="{name}"}} {memory}')
+        lines.append(f'container_fs_usage_bytes{{container="app",device="/dev/vda1",'
+                     f'id="{pod_cgroup}/{container_id}",image="app:1",namespace="ns",'
+                     f'pod="{name}"}} {fs_usage}')
+    return '\n'.join(lines) + '\n'
+
+
+@needs_prometheus
+@pytest.mark.parametrize('stamp_now', [True, False],
+                         ids=['kubelet-stamped-ttl', 'scrape-stamped-stale-markers'])
+def test_pipeline_restarts_and_recreated_pods_never_show_a_doubled_value(stamp_now):
+    interval = 1.0          # prometheus1's scrape interval in this pipeline
+    job = 'kubernetes-cadvisor'
+    web = {'web-0': (POD_UID_OLD, 'c1', 7000, 300), 'gone-1': (POD_UID_NEW + 'ff', 'd1', 500, 5)}
+    # Kubelet-stamped samples get no stale markers: a short TTL ends them.
+    env = {'K8S_EXPORTER_TTL_SECONDS': '3'} if stamp_now else {}
+    with contextlib.ExitStack() as stack:
+        pipeline = SmallPipeline(stack, kubelet_text(web), job, stamp_now=stamp_now,
+                                 exporter_env=env)
+        key = functools.partial(lambda metric, pod: (metric, E2E_CLUSTER, job, 'ns', pod))
+        shown = []        # every exporter page's web-0 values, polled while things change
+
+        def web_values():
+            values = exporter_pod_values(pipeline.exporter)
+            shown.append((values.get(key(MEMORY, 'web-0')), values.get(key(FS_USAGE, 'web-0'))))
+            return values
+
+        def switch_to(pods, memory, fs_usage):
+            pipeline.endpoint.set_text(kubelet_text(pods))
+            changed_at = time.monotonic()
+            pipeline.wait(lambda: (web_values().get(key(MEMORY, 'web-0')),
+                                   web_values().get(key(FS_USAGE, 'web-0'))) == (memory, fs_usage),
+                          30, f'web-0 to show memory {memory} and fs usage {fs_usage}')
+            return time.monotonic() - changed_at
+
+        pipeline.wait(lambda: web_values().get(key(FS_USAGE, 'web-0')) == 300, 40,
+                      'the first values')
+        # The container restarts: new id, same name.
+        restart = {**web, 'web-0': (POD_UID_OLD, 'c2', 7000, 20)}
+        restart_delay = switch_to(restart, 7000, 20)
+        # The pod is re-created: a new uid, so a new pod cgroup and container ids.
+        recreated = {**restart, 'web-0': (POD_UID_NEW, 'c3', 1200, 25)}
+        recreate_delay = switch_to(recreated, 1200, 25)
+        # gone-1 is deleted.
+        deleted_at = time.monotonic()
+        pipeline.endpoint.set_text(kubelet_text({'web-0': recreated['web-0']}))
+        pipeline.wait(lambda: key(MEMORY, 'gone-1') not in web_values(), 30, 'gone-1 to leave')
+        gone_after = time.monotonic() - deleted_at
+        # Two more scrapes of prometheus2 after the last change.
+        time.sleep(3)
+        ranges = {metric: prometheus2_range(pipeline.prometheus2, metric, 'web-0')
+                  for metric in (MEMORY, FS_USAGE)}
+        assert_remote_write_failed_nothing(pipeline.prometheus1)
+
+    # Never old + new, at the exporter or in any sample prometheus2 stored.
+    shown = shown[shown.index((7000, 300)):]
+    assert set(shown) <= {(7000, 300), (7000, 20), (1200, 20), (7000, 25), (1200, 25)}, shown
+    assert set(ranges[MEMORY]) == {7000, 1200}, ranges
+    assert set(ranges[FS_USAGE]) == {300, 20, 25}, ranges
+    # The new value shows as soon as prometheus1 has scraped and sent it:
+    # two scrape intervals, plus the one second remote_write_entry waits
+    # before it sends a batch.
+    assert restart_delay <= 2 * interval + 1 + 1, restart_delay
+    assert recreate_delay <= 2 * interval + 1 + 1, recreate_delay
+    if stamp_now:
+        assert 3 <= gone_after <= 3 + 2 * interval + 1 + 3, gone_after  # TTL + sweep slack
+    else:
+        assert gone_after <= 2 * interval + 1 + 1, gone_after      # at its stale markers
+
+
+def prometheus2_range(prometheus2, metric, pod):
+    """Every value prometheus2 stored for one pod's metric over the last 5 minutes."""
+    result = prometheus2.query(f'{metric}{{pod="{pod}"}}[5m]')
+    assert len(result) == 1, result
+    return [float(value) for _, value in result[0]['values']]
+
+
+
+RECOMMENDED_METRICS = ('container_cpu_usage_seconds_total', 'container_memory_working_set_bytes',
+                       'container_memory_usage_bytes', 'container_spec_memory_limit_bytes',
+                       'container_network_receive_bytes_total',
+                       'container_network_transmit_bytes_total')
+
+
+def test_the_recommended_metrics_are_known_and_the_readme_and_example_agree():
+    readme = (HERE / 'README.md').read_text(encoding='utf-8')
+    assert f'K8S_EXPORTER_METRICS={",".join(RECOMMENDED_METRICS)}\n' in readme
+    assert set(RECOMMENDED_METRICS) <= set(k8s_exporter.METRICS)
+    example = (HERE / 'examples' / 'prometheus1.yml').read_text(encoding='utf-8')
+    regex = re.search(r'# regex: (container_\(cpu_usage\S+)', example).group(1)
+    assert {name for name in KNOWN_METRICS if re.fullmatch(regex, name)} == set(
+        RECOMMENDED_METRICS)
+
+
+@needs_prometheus
+def test_pipeline_cpu_counter_rate_in_prometheus2_survives_a_container_restart():
+    # Containers only (CRI stats mode): the pod's counter is the sum of its
+    # containers, and the restarted one's seconds must stay in it.
+    job = 'kubernetes-cadvisor'
+
+    def text(containers):
+        return ''.join(f'container_cpu_usage_seconds_total{{container="app",cpu="total",'
+                       f'id="{container_id}",namespace="ns",pod="web-0"}} {seconds}\n'
+                       for container_id, seconds in containers)
+
+    with contextlib.ExitStack() as stack:
+        pipeline = SmallPipeline(stack, text([('c1', 100.0)]), job, exporter_env={
+            'K8S_EXPORTER_METRICS': ','.join(RECOMMENDED_METRICS)})
+        started = time.monotonic()
+        deadline = started + 16
+        restarted_at = started + 8
+        while time.monotonic() < deadline:      # 0.5 CPU-seconds per second
+            elapsed = time.monotonic() - started
+            if elapsed < restarted_at - started:
+                pipeline.endpoint.set_text(text([('c1', 100.0 + 0.5 * elapsed)]))
+            else:         # c1 is gone (a stale marker follows), c2 counts from 0
+                pipeline.endpoint.set_text(
+                    text([('c2', 0.5 * (elapsed - (restarted_at - started)))]))
+            time.sleep(0.1)
+        time.sleep(2)
+        rate = pipeline.prometheus2.query('rate(container_cpu_usage_seconds_total[6s])')
+        resets = pipeline.prometheus2.query('resets(container_cpu_usage_seconds_total[1m])')
+        stored = prometheus2_range(pipeline.prometheus2, CPU_USAGE, 'web-0')
+        assert_remote_write_failed_nothing(pipeline.prometheus1)
+    assert [series['metric']['pod'] for series in rate] == ['web-0']
+    assert 0.35 <= float(rate[0]['value'][1]) <= 0.65, rate
+    assert float(resets[0]['value'][1]) == 0, stored
+    assert stored == sorted(stored) and stored[-1] >= 100 + 0.5 * 8, stored
+
 
 
 # Every fixture through one prometheus1.
