@@ -571,7 +571,9 @@ class RemoteWriteDecoder:
                                exemplars=len(tally.exemplars))
         symbol_count = len(symbols)
         find_name = None
-        if self.fast_paths and '__name__' in symbols:
+        # With native histograms in the request every series is read: each
+        # histogram is checked (cAdvisor sends none).
+        if self.fast_paths and '__name__' in symbols and not decoded.histograms:
             find_name = rw2_name_pattern(symbols.index('__name__'))
             # Refs whose symbol the full path would read on: empty (no name)
             # or a wanted name.
@@ -594,6 +596,11 @@ class RemoteWriteDecoder:
                         continue
             series = remote_pb2.TimeSeriesV2.FromString(raw)
             refs = series.labels_refs
+            problem = next(filter(None, map(histogram_problem, series.histograms)), None)
+            if problem is not None:
+                decoded.reject_series(problem, series.samples, series.histograms,
+                                      series.exemplars)
+                continue
             name = None
             for at in range(0, len(refs) - 1, 2):
                 if refs[at] < symbol_count and symbols[refs[at]] == '__name__':
@@ -659,6 +666,51 @@ class RemoteWriteDecoder:
             append(_new_tuple(Sample, (pod, metric, series_key, timestamp, sample.value)))
         decoded.kept += count - future
         decoded.future += future
+
+
+# Native histogram schemas: exponential -4..8, and custom buckets.
+EXPONENTIAL_SCHEMAS = range(-4, 9)
+CUSTOM_BUCKETS_SCHEMA = -53
+
+
+def histogram_problem(encoded):
+    """Why a 2.0 native histogram is invalid, as Prometheus's receiver would
+    refuse it (its count must equal the observations in its buckets), or None.
+    """
+    histogram = remote_pb2.Histogram.FromString(encoded)
+    floats = histogram.WhichOneof('count') == 'count_float'
+    custom = histogram.schema == CUSTOM_BUCKETS_SCHEMA
+    if not custom and histogram.schema not in EXPONENTIAL_SCHEMAS:
+        return f'native histogram with schema {histogram.schema}'
+    if custom:
+        bounds = histogram.custom_values
+        if any(low >= high for low, high in zip(bounds, bounds[1:])) or any(
+                bound != bound for bound in bounds):
+            return 'native histogram whose custom bounds do not increase'
+        if (histogram.negative_spans or histogram.zero_count_int
+                or histogram.zero_count_float):
+            return 'native histogram with custom buckets and negative or zero buckets'
+        if sum(span.offset + span.length for span in histogram.positive_spans) > len(bounds) + 1:
+            return 'native histogram with more custom buckets than bounds'
+    elif histogram.custom_values:
+        return 'native histogram with custom bounds but an exponential schema'
+    observed = histogram.zero_count_float if floats else histogram.zero_count_int
+    for spans, deltas, counts in (
+            (histogram.negative_spans, histogram.negative_deltas, histogram.negative_counts),
+            (histogram.positive_spans, histogram.positive_deltas, histogram.positive_counts)):
+        buckets = list(counts) if floats else list(itertools.accumulate(deltas))
+        if sum(span.length for span in spans) != len(buckets):
+            return 'native histogram whose spans and buckets disagree'
+        if any(span.offset < 0 for span in spans[1:]):
+            return 'native histogram with a negative span offset after the first'
+        if any(count < 0 for count in buckets):
+            return 'native histogram with a negative bucket count'
+        observed += sum(buckets)
+    count = histogram.count_float if floats else histogram.count_int
+    # With a NaN sum, NaN observations are counted but in no bucket.
+    if observed > count if histogram.sum != histogram.sum else observed != count:
+        return f'native histogram with count {count} but {observed} observations in its buckets'
+    return None
 
 
 def decode_write_request(payload, protocol, wanted, default_cluster, now_ms=None,

@@ -1799,8 +1799,38 @@ def compliance_body(series, protocol=2, order=reversed):
 
 
 UP = {'__name__': 'up', 'job': 'testjob', 'instance': 'localhost:9090'}
-# Histogram{count_int: 1, zero_count_int: 1, timestamp}, Exemplar{value: 1}.
-HISTOGRAM = b'\x08\x01\x30\x01\x78\x01'
+
+
+def native_histogram(positive=False, negative=False, zero=False, custom=False, count=None):
+    """An encoded 2.0 Histogram with the compliance suite's buckets: positive
+    1, 3, 4, 7, 8 (23), negative 1, 2 (3), zero 1; custom 2, 3, 5, 8, 7, 5 (30)."""
+    histogram = remote_pb2.Histogram(sum=1.0, timestamp=1)
+    observed = 0
+    if positive:
+        histogram.positive_spans.add(offset=0, length=3)
+        histogram.positive_spans.add(offset=2, length=2)
+        histogram.positive_deltas.extend([1, 2, 1, 3, 1])
+        observed += 23
+    if negative:
+        histogram.negative_spans.add(offset=0, length=2)
+        histogram.negative_deltas.extend([1, 1])
+        observed += 3
+    if zero:
+        histogram.zero_count_int = 1
+        observed += 1
+    if custom:
+        del histogram.positive_spans[:]
+        histogram.positive_spans.add(offset=0, length=6)
+        del histogram.positive_deltas[:]
+        histogram.positive_deltas.extend([2, 1, 2, 3, -1, -2])
+        histogram.schema = -53
+        histogram.custom_values.extend([0.1, 0.5, 1.0, 2.5, 5.0, 10.0])
+        observed = 30
+    histogram.count_int = observed if count is None else count
+    return histogram.SerializeToString()
+
+
+HISTOGRAM = native_histogram(zero=True)
 EXEMPLAR = b'\x11' + struct.pack('<d', 1.0)
 SPECIAL_VALUES = {'one': 1.0, 'stale_nan': STALE_NAN, 'nan': math.nan, 'inf': math.inf,
                   '-inf': -math.inf}
@@ -1835,6 +1865,21 @@ COMPLIANCE_CASES = [
      {}, 400, (3, 0, 0)),
     ('histogram', [({'__name__': 'test_histogram'}, None, {'histograms': [HISTOGRAM]})], {},
      204, (0, 1, 0)),
+    ('histogram_basic', [({'__name__': 'h'}, None, {'histograms': [native_histogram(
+        positive=True, negative=True, zero=True)]})], {}, 204, (0, 1, 0)),
+    ('histogram_custom_buckets', [({'__name__': 'h'}, None, {'histograms': [native_histogram(
+        positive=True, custom=True)]})], {}, 204, (0, 1, 0)),
+    ('histogram_positive_only', [({'__name__': 'h', 'job': 'test'}, None, {'histograms': [
+        native_histogram(positive=True, zero=True)]})], {}, 204, (0, 1, 0)),
+    ('histogram_negative_only', [({'__name__': 'h', 'instance': 'localhost'}, None, {
+        'histograms': [native_histogram(negative=True)]})], {}, 204, (0, 1, 0)),
+    ('histogram_empty', [({'__name__': 'h'}, None, {'histograms': [native_histogram()]})], {},
+     204, (0, 1, 0)),
+    ('histogram_bad_count', [({'__name__': 'h'}, None, {'histograms': [native_histogram(
+        positive=True, count=99)]})], {}, 400, (0, 0, 0)),
+    ('histogram_bad_count_beside_a_good_sample', [
+        ({'__name__': 'h'}, None, {'histograms': [native_histogram(positive=True, count=99)]}),
+        (UP, 1.0, NO_EXTRAS)], {}, 400, (1, 0, 0)),
     ('two_histograms', [({'__name__': f'hist{n}', 'job': 'test'}, None,
                          {'histograms': [HISTOGRAM]}) for n in (1, 2)], {}, 204, (0, 2, 0)),
     ('histogram_exemplar', [({'__name__': 'h', 'method': 'GET'}, None,
@@ -1894,6 +1939,49 @@ def test_compliance_rw1_sender_gets_204_and_no_written_headers():
         protocol=1), {'Content-Type': 'application/x-protobuf', 'Content-Encoding': 'snappy'})
     assert (status, body) == (204, b'')
     assert not [name for name in headers if name.startswith('X-Prometheus-Remote-Write')]
+
+
+def _histogram(**fields):
+    spans = {name: fields.pop(name) for name in ('positive_spans', 'negative_spans')
+             if name in fields}
+    histogram = remote_pb2.Histogram(**fields)
+    for name, pairs in spans.items():
+        for offset, length in pairs:
+            getattr(histogram, name).add(offset=offset, length=length)
+    return histogram.SerializeToString()
+
+
+@pytest.mark.parametrize('encoded, problem', [
+    (native_histogram(positive=True, negative=True, zero=True), None),
+    (native_histogram(positive=True, custom=True), None),
+    (_histogram(count_float=2.5, zero_count_float=0.5, positive_spans=[(0, 1)],
+                positive_counts=[2.0]), None),
+    (_histogram(count_int=3, sum=math.nan, positive_spans=[(0, 1)], positive_deltas=[1]), None),
+    (native_histogram(positive=True, count=99),
+     'native histogram with count 99 but 23 observations in its buckets'),
+    (_histogram(count_int=1, sum=math.nan, positive_spans=[(0, 1)], positive_deltas=[2]),
+     'native histogram with count 1 but 2 observations in its buckets'),
+    (_histogram(schema=9), 'native histogram with schema 9'),
+    (_histogram(count_int=1, positive_spans=[(0, 2)], positive_deltas=[1]),
+     'native histogram whose spans and buckets disagree'),
+    (_histogram(count_int=1, positive_spans=[(0, 1), (-1, 1)], positive_deltas=[1, -1]),
+     'native histogram with a negative span offset after the first'),
+    (_histogram(count_int=0, positive_spans=[(0, 2)], positive_deltas=[1, -2]),
+     'native histogram with a negative bucket count'),
+    (_histogram(schema=-53, custom_values=[1.0, 1.0]),
+     'native histogram whose custom bounds do not increase'),
+    (_histogram(schema=-53, custom_values=[1.0], zero_count_int=1, count_int=1),
+     'native histogram with custom buckets and negative or zero buckets'),
+    (_histogram(schema=-53, custom_values=[1.0], count_int=3, positive_spans=[(0, 3)],
+                positive_deltas=[1, 0, 0]),
+     'native histogram with more custom buckets than bounds'),
+    (_histogram(custom_values=[1.0]),
+     'native histogram with custom bounds but an exponential schema'),
+], ids=['valid', 'valid_custom', 'valid_float', 'nan_sum_allows_more_count', 'bad_count',
+        'nan_sum_fewer_count', 'schema', 'spans', 'span_offset', 'negative_count',
+        'custom_bounds', 'custom_zero', 'custom_overflow', 'bounds_without_custom_schema'])
+def test_native_histograms_are_checked_as_prometheus_checks_them(encoded, problem):
+    assert k8s_exporter.histogram_problem(encoded) == problem
 
 
 @pytest.mark.parametrize('protocol', [1, 2])
