@@ -2133,15 +2133,18 @@ def shuffled_requests(draw):
         order = draw(st.permutations(list(labels)))
         samples = draw(st.lists(st.tuples(st.sampled_from([1.0, math.nan, STALE_NAN]),
                                           st.integers(0, 2 ** 40)), max_size=2))
-        series.append(([(name, labels[name]) for name in order], samples))
+        # 2.0 refs broken now and then: one too many, or one past the symbols.
+        damage = draw(st.sampled_from([None] * 6 + ['odd', 'name_value', 'other_value']))
+        series.append(([(name, labels[name]) for name in order], samples, damage))
     return series, draw(st.sampled_from([0, 1, 200, 20_000]))
 
 
 def encode_in_order(series, protocol, filler):
-    """RW1 or RW2 payload keeping each series' label order; filler symbols first."""
+    """RW1 or RW2 payload keeping each series' label order; filler symbols first;
+    2.0 refs damaged as each series says."""
     if protocol == PROTO_RW1:
         request = remote_pb2.WriteRequest()
-        for labels, samples in series:
+        for labels, samples, _ in series:
             item = request.timeseries.add()
             for name, value in labels:
                 item.labels.add(name=name, value=value)
@@ -2150,14 +2153,20 @@ def encode_in_order(series, protocol, filler):
         return request.SerializeToString()
     request = remote_pb2.WriteRequestV2(symbols=[''] + [f'f{n}' for n in range(filler)])
     refs = {text: ref for ref, text in enumerate(request.symbols)}
-    for labels, samples in series:
-        item = request.timeseries.add()
+    for labels, samples, _ in series:
         for pair in labels:
             for text in pair:
                 if text not in refs:
                     refs[text] = len(request.symbols)
                     request.symbols.append(text)
-            item.labels_refs.extend(refs[text] for text in pair)
+    past = len(request.symbols)
+    for labels, samples, damage in series:
+        item = request.timeseries.add()
+        for name, value in labels:
+            broken = damage == ('name_value' if name == '__name__' else 'other_value')
+            item.labels_refs.extend([refs[name], past if broken else refs[value]])
+        if damage == 'odd':
+            item.labels_refs.append(1)
         for value, timestamp in samples:
             item.samples.add(value=value, timestamp=timestamp)
     return request.SerializeToString()
@@ -3016,8 +3025,8 @@ def test_rw2_success_always_sends_the_written_headers_counting_unexported_sample
 def test_rw2_histograms_and_exemplars_are_accepted_ignored_and_counted_as_written():
     request = remote_pb2.WriteRequestV2()
     request.MergeFromString(snappy.uncompress(rw2_body(seed_table()[:1])))
-    # Field 3 (histograms) and 4 (exemplars) of TimeSeries: unknown here.
-    request.timeseries[0].MergeFromString(b'\x1a\x02\x08\x01' + b'\x22\x02\x11\x00')
+    # Field 3 (histograms: count 1, in the zero bucket) and 4 (exemplars).
+    request.timeseries[0].MergeFromString(b'\x1a\x04\x08\x01\x30\x01' + b'\x22\x02\x11\x00')
     status, headers, _ = call_wsgi(fresh_app(), 'POST', '/write',
                                    snappy.compress(request.SerializeToString()),
                                    {'Content-Type': RW2_TYPE})
