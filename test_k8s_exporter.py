@@ -2153,7 +2153,7 @@ def encode_in_order(series, protocol, filler):
         return request.SerializeToString()
     request = remote_pb2.WriteRequestV2(symbols=[''] + [f'f{n}' for n in range(filler)])
     refs = {text: ref for ref, text in enumerate(request.symbols)}
-    for labels, samples, _ in series:
+    for labels, _, _ in series:
         for pair in labels:
             for text in pair:
                 if text not in refs:
