@@ -472,7 +472,7 @@ class DecodedWrite:
     """What one write request carried, before it touches the store."""
     samples: list            # Sample, for series of exported metrics with a pod
     samples_in_request: int = 0
-    samples_total: int = 0   # samples accepted: every sample of every well-formed series
+    samples_total: int = 0   # accepted: of well-formed series, less those too far ahead
     unexported: int = 0      # samples of metric names not exported
     kept: int = 0            # samples of exported names
     no_pod: int = 0          # of those, samples without pod identity
