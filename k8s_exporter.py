@@ -595,9 +595,8 @@ class RemoteWriteDecoder:
                     at = end if found is None else found.end()
                 if at < end:
                     value = raw[at]
-                    if value >= 0x80:
-                        high = raw[at + 1] if at + 1 < end else 0x80
-                        value = (value & 0x7F) | high << 7 if high < 0x80 else 0
+                    if value >= 0x80:     # a ref of two bytes or more (past 127 symbols)
+                        value = _varint_at(raw, at, end, symbol_count)
                     if value not in read and value < symbol_count:
                         continue
             series = remote_pb2.TimeSeriesV2.FromString(raw)
@@ -779,6 +778,19 @@ def rw2_name_pattern(name_ref):
     varint = rb'[\x80-\xff]*[\x00-\x7f]'
     return re.compile(rb'(?:' + varint + varint + rb')*?' + re.escape(_varint(name_ref)),
                       re.DOTALL).match
+
+
+def _varint_at(raw, at, end, otherwise):
+    """The varint at raw[at:end], or otherwise if it does not end there."""
+    value = shift = 0
+    while at < end:
+        byte = raw[at]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value
+        shift += 7
+        at += 1
+    return otherwise
 
 
 def _varint(number):
