@@ -3613,6 +3613,30 @@ def test_python3_k8s_exporter_py_without_a_package_says_what_to_install_in_one_l
         "'protobuf>=6.31' 'python-snappy>=0.7' && venv/bin/python k8s_exporter.py\n"))
 
 
+def test_python3_k8s_exporter_py_with_debians_protobuf_3_21_says_what_to_install(tmp_path):
+    # What Debian 12's python3-protobuf offers: no runtime_version, which
+    # remote_pb2.py (generated for 6.31) needs.
+    package = tmp_path / 'google' / 'protobuf'
+    package.mkdir(parents=True)
+    (tmp_path / 'google' / '__init__.py').write_text('')
+    (package / '__init__.py').write_text("__version__ = '3.21.12'\n")
+    (package / 'message.py').write_text('class DecodeError(Exception):\n    pass\n')
+    (package / 'unknown_fields.py').write_text('class UnknownFieldSet:\n    pass\n')
+    for name in ('descriptor', 'descriptor_pool'):
+        (package / f'{name}.py').write_text('')
+    result = subprocess.run([sys.executable, 'k8s_exporter.py'], cwd=HERE,
+                            env={**os.environ, 'PYTHONPATH': str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.count('\n') == 1, result.stderr
+    assert result.stderr.startswith(
+        "k8s_exporter: cannot import name 'runtime_version' from 'google.protobuf'")
+    assert result.stderr.endswith(
+        "; it needs gunicorn>=27, protobuf>=6.31, python-snappy>=0.7: python3 -m venv venv && "
+        "venv/bin/pip install 'gunicorn>=27' 'protobuf>=6.31' 'python-snappy>=0.7' && "
+        "venv/bin/python k8s_exporter.py\n")
+
+
 def test_gunicorn_enforces_write_and_scrape_credentials(tmp_path):
     (tmp_path / 'token').write_text('tok\n')
     (tmp_path / 'users').write_text('scraper:pw\n')
