@@ -47,7 +47,7 @@ demo: $(VENV)/.runtime prometheus ## cAdvisor fixture -> prometheus1 -> exporter
 	$(BIN)/python demo_k8s_exporter.py
 
 soak: $(VENV)/.dev ## writers and scrapers against gunicorn for about 60 s
-	K8S_EXPORTER_SOAK_SECONDS=60 $(BIN)/python -m pytest -q -k soak test_k8s_exporter.py
+	TEST_K8S_EXPORTER_SOAK_SECONDS=60 $(BIN)/python -m pytest -q -k soak test_k8s_exporter.py
 
 proto: $(VENV)/.dev ## regenerate remote_pb2.py from remote.proto
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. remote.proto

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cremote.proto\x12\x13k8s_exporter.remote\"\x80\x01\n\x0cWriteRequest\x12\x33\n\ntimeseries\x18\x01 \x03(\x0b\x32\x1f.k8s_exporter.remote.TimeSeries\x12\x35\n\x08metadata\x18\x03 \x03(\x0b\x32#.k8s_exporter.remote.MetricMetadataJ\x04\x08\x02\x10\x03\"f\n\nTimeSeries\x12*\n\x06labels\x18\x01 \x03(\x0b\x32\x1a.k8s_exporter.remote.Label\x12,\n\x07samples\x18\x02 \x03(\x0b\x32\x1b.k8s_exporter.remote.Sample\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"*\n\x06Sample\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"V\n\x0eMetricMetadata\x12\x0c\n\x04type\x18\x01 \x01(\x05\x12\x1a\n\x12metric_family_name\x18\x02 \x01(\t\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\t\"^\n\x0eWriteRequestV2\x12\x0f\n\x07symbols\x18\x04 \x03(\t\x12\x35\n\ntimeseries\x18\x05 \x03(\x0b\x32!.k8s_exporter.remote.TimeSeriesV2J\x04\x08\x01\x10\x04\"Q\n\x0cTimeSeriesV2\x12\x13\n\x0blabels_refs\x18\x01 \x03(\r\x12,\n\x07samples\x18\x02 \x03(\x0b\x32\x1b.k8s_exporter.remote.Sample\"-\n\x17WriteRequestSeriesBytes\x12\x12\n\ntimeseries\x18\x01 \x03(\x0c\"@\n\x19WriteRequestV2SeriesBytes\x12\x0f\n\x07symbols\x18\x04 \x03(\t\x12\x12\n\ntimeseries\x18\x05 \x03(\x0c\"\xb6\x01\n\x12TimeSeriesLabelMap\x12\x43\n\x06labels\x18\x01 \x03(\x0b\x32\x33.k8s_exporter.remote.TimeSeriesLabelMap.LabelsEntry\x12,\n\x07samples\x18\x02 \x03(\x0b\x32\x1b.k8s_exporter.remote.Sample\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x17WriteRequestSampleTally\x12\x34\n\ntimeseries\x18\x01 \x01(\x0b\x32 .k8s_exporter.remote.SampleTally\"Q\n\x19WriteRequestV2SampleTally\x12\x34\n\ntimeseries\x18\x05 \x01(\x0b\x32 .k8s_exporter.remote.SampleTally\".\n\x0bSampleTally\x12\x0e\n\x06labels\x18\x01 \x01(\x0c\x12\x0f\n\x07samples\x18\x02 \x03(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cremote.proto\x12\x13k8s_exporter.remote\"\x80\x01\n\x0cWriteRequest\x12\x33\n\ntimeseries\x18\x01 \x03(\x0b\x32\x1f.k8s_exporter.remote.TimeSeries\x12\x35\n\x08metadata\x18\x03 \x03(\x0b\x32#.k8s_exporter.remote.MetricMetadataJ\x04\x08\x02\x10\x03\"f\n\nTimeSeries\x12*\n\x06labels\x18\x01 \x03(\x0b\x32\x1a.k8s_exporter.remote.Label\x12,\n\x07samples\x18\x02 \x03(\x0b\x32\x1b.k8s_exporter.remote.Sample\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"*\n\x06Sample\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"V\n\x0eMetricMetadata\x12\x0c\n\x04type\x18\x01 \x01(\x05\x12\x1a\n\x12metric_family_name\x18\x02 \x01(\t\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\t\"^\n\x0eWriteRequestV2\x12\x0f\n\x07symbols\x18\x04 \x03(\t\x12\x35\n\ntimeseries\x18\x05 \x03(\x0b\x32!.k8s_exporter.remote.TimeSeriesV2J\x04\x08\x01\x10\x04\"\xa5\x01\n\x0cTimeSeriesV2\x12\x13\n\x0blabels_refs\x18\x01 \x03(\r\x12,\n\x07samples\x18\x02 \x03(\x0b\x32\x1b.k8s_exporter.remote.Sample\x12\x12\n\nhistograms\x18\x03 \x03(\x0c\x12\x11\n\texemplars\x18\x04 \x03(\x0c\x12\x10\n\x08metadata\x18\x05 \x01(\x0c\x12\x19\n\x11\x63reated_timestamp\x18\x06 \x01(\x03\"\xcd\x03\n\tHistogram\x12\x13\n\tcount_int\x18\x01 \x01(\x04H\x00\x12\x15\n\x0b\x63ount_float\x18\x02 \x01(\x01H\x00\x12\x0b\n\x03sum\x18\x03 \x01(\x01\x12\x0e\n\x06schema\x18\x04 \x01(\x11\x12\x16\n\x0ezero_threshold\x18\x05 \x01(\x01\x12\x18\n\x0ezero_count_int\x18\x06 \x01(\x04H\x01\x12\x1a\n\x10zero_count_float\x18\x07 \x01(\x01H\x01\x12\x37\n\x0enegative_spans\x18\x08 \x03(\x0b\x32\x1f.k8s_exporter.remote.BucketSpan\x12\x17\n\x0fnegative_deltas\x18\t \x03(\x12\x12\x17\n\x0fnegative_counts\x18\n \x03(\x01\x12\x37\n\x0epositive_spans\x18\x0b \x03(\x0b\x32\x1f.k8s_exporter.remote.BucketSpan\x12\x17\n\x0fpositive_deltas\x18\x0c \x03(\x12\x12\x17\n\x0fpositive_counts\x18\r \x03(\x01\x12\x12\n\nreset_hint\x18\x0e \x01(\x05\x12\x11\n\ttimestamp\x18\x0f \x01(\x03\x12\x15\n\rcustom_values\x18\x10 \x03(\x01\x42\x07\n\x05\x63ountB\x0c\n\nzero_count\",\n\nBucketSpan\x12\x0e\n\x06offset\x18\x01 \x01(\x11\x12\x0e\n\x06length\x18\x02 \x01(\r\"-\n\x17WriteRequestSeriesBytes\x12\x12\n\ntimeseries\x18\x01 \x03(\x0c\"@\n\x19WriteRequestV2SeriesBytes\x12\x0f\n\x07symbols\x18\x04 \x03(\t\x12\x12\n\ntimeseries\x18\x05 \x03(\x0c\"@\n\x19WriteRequestV2SymbolBytes\x12\x0f\n\x07symbols\x18\x04 \x03(\x0c\x12\x12\n\ntimeseries\x18\x05 \x03(\x0c\"u\n\x14TimeSeriesLabelBytes\x12/\n\x06labels\x18\x01 \x03(\x0b\x32\x1f.k8s_exporter.remote.LabelBytes\x12,\n\x07samples\x18\x02 \x03(\x0b\x32\x1b.k8s_exporter.remote.Sample\")\n\nLabelBytes\x12\x0c\n\x04name\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xb6\x01\n\x12TimeSeriesLabelMap\x12\x43\n\x06labels\x18\x01 \x03(\x0b\x32\x33.k8s_exporter.remote.TimeSeriesLabelMap.LabelsEntry\x12,\n\x07samples\x18\x02 \x03(\x0b\x32\x1b.k8s_exporter.remote.Sample\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x17WriteRequestSampleTally\x12\x34\n\ntimeseries\x18\x01 \x01(\x0b\x32 .k8s_exporter.remote.SampleTally\"S\n\x19WriteRequestV2SampleTally\x12\x36\n\ntimeseries\x18\x05 \x01(\x0b\x32\".k8s_exporter.remote.SampleTallyV2\".\n\x0bSampleTally\x12\x0e\n\x06labels\x18\x01 \x01(\x0c\x12\x0f\n\x07samples\x18\x02 \x03(\x0c\"\x89\x01\n\rSampleTallyV2\x12\x13\n\x0blabels_refs\x18\x01 \x01(\x0c\x12\x0f\n\x07samples\x18\x02 \x03(\x0c\x12\x12\n\nhistograms\x18\x03 \x03(\x0c\x12\x11\n\texemplars\x18\x04 \x03(\x0c\x12\x10\n\x08metadata\x18\x05 \x01(\x0c\x12\x19\n\x11\x63reated_timestamp\x18\x06 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,20 +45,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICMETADATA']._serialized_end=440
   _globals['_WRITEREQUESTV2']._serialized_start=442
   _globals['_WRITEREQUESTV2']._serialized_end=536
-  _globals['_TIMESERIESV2']._serialized_start=538
-  _globals['_TIMESERIESV2']._serialized_end=619
-  _globals['_WRITEREQUESTSERIESBYTES']._serialized_start=621
-  _globals['_WRITEREQUESTSERIESBYTES']._serialized_end=666
-  _globals['_WRITEREQUESTV2SERIESBYTES']._serialized_start=668
-  _globals['_WRITEREQUESTV2SERIESBYTES']._serialized_end=732
-  _globals['_TIMESERIESLABELMAP']._serialized_start=735
-  _globals['_TIMESERIESLABELMAP']._serialized_end=917
-  _globals['_TIMESERIESLABELMAP_LABELSENTRY']._serialized_start=872
-  _globals['_TIMESERIESLABELMAP_LABELSENTRY']._serialized_end=917
-  _globals['_WRITEREQUESTSAMPLETALLY']._serialized_start=919
-  _globals['_WRITEREQUESTSAMPLETALLY']._serialized_end=998
-  _globals['_WRITEREQUESTV2SAMPLETALLY']._serialized_start=1000
-  _globals['_WRITEREQUESTV2SAMPLETALLY']._serialized_end=1081
-  _globals['_SAMPLETALLY']._serialized_start=1083
-  _globals['_SAMPLETALLY']._serialized_end=1129
+  _globals['_TIMESERIESV2']._serialized_start=539
+  _globals['_TIMESERIESV2']._serialized_end=704
+  _globals['_HISTOGRAM']._serialized_start=707
+  _globals['_HISTOGRAM']._serialized_end=1168
+  _globals['_BUCKETSPAN']._serialized_start=1170
+  _globals['_BUCKETSPAN']._serialized_end=1214
+  _globals['_WRITEREQUESTSERIESBYTES']._serialized_start=1216
+  _globals['_WRITEREQUESTSERIESBYTES']._serialized_end=1261
+  _globals['_WRITEREQUESTV2SERIESBYTES']._serialized_start=1263
+  _globals['_WRITEREQUESTV2SERIESBYTES']._serialized_end=1327
+  _globals['_WRITEREQUESTV2SYMBOLBYTES']._serialized_start=1329
+  _globals['_WRITEREQUESTV2SYMBOLBYTES']._serialized_end=1393
+  _globals['_TIMESERIESLABELBYTES']._serialized_start=1395
+  _globals['_TIMESERIESLABELBYTES']._serialized_end=1512
+  _globals['_LABELBYTES']._serialized_start=1514
+  _globals['_LABELBYTES']._serialized_end=1555
+  _globals['_TIMESERIESLABELMAP']._serialized_start=1558
+  _globals['_TIMESERIESLABELMAP']._serialized_end=1740
+  _globals['_TIMESERIESLABELMAP_LABELSENTRY']._serialized_start=1695
+  _globals['_TIMESERIESLABELMAP_LABELSENTRY']._serialized_end=1740
+  _globals['_WRITEREQUESTSAMPLETALLY']._serialized_start=1742
+  _globals['_WRITEREQUESTSAMPLETALLY']._serialized_end=1821
+  _globals['_WRITEREQUESTV2SAMPLETALLY']._serialized_start=1823
+  _globals['_WRITEREQUESTV2SAMPLETALLY']._serialized_end=1906
+  _globals['_SAMPLETALLY']._serialized_start=1908
+  _globals['_SAMPLETALLY']._serialized_end=1954
+  _globals['_SAMPLETALLYV2']._serialized_start=1957
+  _globals['_SAMPLETALLYV2']._serialized_end=2094
 # @@protoc_insertion_point(module_scope)

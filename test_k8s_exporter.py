@@ -10,14 +10,15 @@ files (the image, docker compose, Kubernetes), then the real Prometheus
 pipeline (skipped, with the reason, without /usr/bin/prometheus and
 promtool; its harness lives in demo_k8s_exporter.py).
 
-Run with `make test`. K8S_EXPORTER_SOAK_SECONDS (8 here, 60 in `make soak`)
-sets the length of the soak; K8S_EXPORTER_PROPERTY_EXAMPLES (200) how long
+Run with `make test`. TEST_K8S_EXPORTER_SOAK_SECONDS (8 here, 60 in `make soak`)
+sets the length of the soak; TEST_K8S_EXPORTER_PROPERTY_EXAMPLES (200) how long
 hypothesis searches.
 """
 
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import gzip
 import http.client
@@ -135,9 +136,9 @@ RW1_TYPE = 'application/x-protobuf;proto=prometheus.WriteRequest'
 RW2_TYPE = 'application/x-protobuf;proto=io.prometheus.write.v2.Request'
 RECEIVE_TIMEOUT_SECONDS = k8s_exporter.RECEIVE_TIMEOUT_SECONDS
 # Bounded so the properties take seconds on two shared cores;
-# K8S_EXPORTER_PROPERTY_EXAMPLES=5000 searches longer.
+# TEST_K8S_EXPORTER_PROPERTY_EXAMPLES=5000 searches longer.
 PROPERTY_SETTINGS = settings(
-    max_examples=int(os.environ.get('K8S_EXPORTER_PROPERTY_EXAMPLES', '200')), deadline=None,
+    max_examples=int(os.environ.get('TEST_K8S_EXPORTER_PROPERTY_EXAMPLES', '200')), deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -954,10 +955,23 @@ def test_config_reads_every_variable():
 
 @pytest.mark.parametrize('name, value, message', [
     ('K8S_EXPORTER_TTL_SECONDS', 'abc', "K8S_EXPORTER_TTL_SECONDS='abc': not a number"),
-    ('K8S_EXPORTER_TTL_SECONDS', '0', "K8S_EXPORTER_TTL_SECONDS='0': must be greater than 0"),
-    ('K8S_EXPORTER_TTL_SECONDS', 'nan', "K8S_EXPORTER_TTL_SECONDS='nan': must be greater than 0"),
+    ('K8S_EXPORTER_TTL_SECONDS', '0', "K8S_EXPORTER_TTL_SECONDS='0': must be from 1 to 604800"),
+    ('K8S_EXPORTER_TTL_SECONDS', '1e-9', "K8S_EXPORTER_TTL_SECONDS='1e-9': must be from 1 to "
+                                         "604800"),
+    ('K8S_EXPORTER_TTL_SECONDS', 'nan', "K8S_EXPORTER_TTL_SECONDS='nan': must be from 1 to "
+                                        "604800"),
+    ('K8S_EXPORTER_TTL_SECONDS', '1e9', "K8S_EXPORTER_TTL_SECONDS='1e9': must be from 1 to "
+                                        "604800"),
     ('K8S_EXPORTER_MAX_BODY_BYTES', '1.5', "K8S_EXPORTER_MAX_BODY_BYTES='1.5': not an integer"),
-    ('K8S_EXPORTER_MAX_SERIES', '-1', "K8S_EXPORTER_MAX_SERIES='-1': must be greater than 0"),
+    ('K8S_EXPORTER_MAX_BODY_BYTES', '99', "K8S_EXPORTER_MAX_BODY_BYTES='99': must be from 100 "
+                                          "to 1073741824"),
+    ('K8S_EXPORTER_MAX_DECODED_BYTES', str(2 ** 32), "K8S_EXPORTER_MAX_DECODED_BYTES="
+                                                     "'4294967296': must be from 100 to "
+                                                     "4294967295"),
+    ('K8S_EXPORTER_MAX_SERIES', '-1', "K8S_EXPORTER_MAX_SERIES='-1': must be from 1 to "
+                                      "1000000000"),
+    ('K8S_EXPORTER_MAX_CONCURRENT_DECODES', '0', "K8S_EXPORTER_MAX_CONCURRENT_DECODES='0': "
+                                                 "must be from 1 to 64"),
     ('K8S_EXPORTER_CLUSTER', ' ', 'K8S_EXPORTER_CLUSTER is set but empty'),
     ('K8S_EXPORTER_METRICS', 'container memory', "K8S_EXPORTER_METRICS: 'container memory' is "
                                                  "not a valid metric name"),
@@ -996,6 +1010,41 @@ def test_metrics_variable_replaces_the_five_and_unknown_names_get_a_generic_help
         '# TYPE container_memory_usage_bytes gauge\n'
         'container_memory_usage_bytes{cluster="k8s-cluster",item="container_memory_usage_bytes",'
         'job="kubernetes-cadvisor",namespace="ns",pod="p"} 8\n')
+
+
+def test_unknown_variables_and_metric_names_get_one_warning_line_each():
+    environ = {'K8S_EXPORTER_TTL_SECOND': '60', 'K8S_EXPORTER_CLUSTER': 'c',
+               'TEST_K8S_EXPORTER_SOAK_SECONDS': '8', 'OTHER': 'x',
+               'K8S_EXPORTER_METRICS': 'container_memory_usage_bytes,container_memory_usage_byte,'
+                                       'container_memory_swap,container_memory_rss'}
+    config = Config.from_environ(environ)
+    assert k8s_exporter.configuration_warnings(environ, config) == [
+        'K8S_EXPORTER_TTL_SECOND is not a k8s_exporter variable; ignored',
+        "K8S_EXPORTER_METRICS: 'container_memory_swap' is not in the table of metrics; it is "
+        'exported as a gauge with a generic HELP, by the rule its name suggests',
+        "K8S_EXPORTER_METRICS: 'container_memory_usage_byte' is not a cAdvisor metric; it is "
+        'exported only if a sender writes it']
+    assert k8s_exporter.configuration_warnings({}, Config()) == []
+
+
+def test_the_tests_and_tools_set_no_variable_the_exporter_would_warn_about():
+    for name in ('test_k8s_exporter.py', 'bench_k8s_exporter.py', 'demo_k8s_exporter.py',
+                 'Makefile', 'gunicorn.conf.py'):
+        text = (HERE / name).read_text()
+        used = set(re.findall(r'(?<![A-Z_])K8S_EXPORTER_[A-Z_]*[A-Z]', text))
+        # The typo the warning tests use on purpose.
+        used.discard('K8S_EXPORTER_TTL_SECOND')
+        assert used <= set(k8s_exporter.ENVIRONMENT_VARIABLES), (name, sorted(used))
+
+
+def test_gunicorn_logs_each_warning_once_with_time_and_level():
+    with Gunicorn(env={'K8S_EXPORTER_TTL_SECOND': '60'}) as running:
+        assert running.metrics()
+    lines = [line for line in running.log.decode().splitlines() if 'TTL_SECOND' in line]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r'\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[WARNING\] '
+                        r'k8s_exporter: K8S_EXPORTER_TTL_SECOND is not a k8s_exporter '
+                        r'variable; ignored', lines[0]), lines[0]
 
 
 ###############################################################################
@@ -1697,6 +1746,458 @@ def test_pod_series_identity_gives_legacy_unlabelled_pod_cgroup_no_pod():
                               _id_matches(rf'/kubepods/burstable/pod{UID}'))
     assert not {'pod_name', 'namespace', 'container_name'} & set(unlabelled)
     assert identity_of(unlabelled) is None
+
+
+###############################################################################
+# Every sender: compliance, bytes, clocks #####################################
+###############################################################################
+
+# The receiver cases of prometheus/compliance (remotewrite/receiver), as that
+# suite builds them: labels in Go map order (so not sorted), one sample a
+# series stamped now, 2xx answers carrying exact Written counts.
+
+def compliance_body(series, protocol=2, order=reversed):
+    """A snappy body from [(labels, value, extras)], labels in the given order.
+
+    extras: histograms (encoded Histogram messages), exemplars and metadata
+    of a 2.0 series, as a dict of lists of bytes.
+    """
+    now_ms = time.time_ns() // 10**6
+    if protocol == 1:
+        request = remote_pb2.WriteRequest()
+        for labels, value, _ in series:
+            item = request.timeseries.add()
+            for name in order(list(labels)):
+                item.labels.add(name=name, value=labels[name])
+            item.samples.add(value=value, timestamp=now_ms)
+        return snappy.compress(request.SerializeToString())
+    symbols, encoded = [''], []
+    refs = {'': 0}
+
+    def ref(text):
+        if text not in refs:
+            refs[text] = len(symbols)
+            symbols.append(text)
+        return refs[text]
+
+    for labels, value, extras in series:
+        item = remote_pb2.TimeSeriesV2()
+        for name in order(list(labels)):
+            item.labels_refs.extend([ref(name), ref(labels[name])])
+        if value is not None:
+            item.samples.add(value=value, timestamp=now_ms)
+        item.histograms.extend(extras.get('histograms', []))
+        item.exemplars.extend(extras.get('exemplars', []))
+        item.metadata = extras.get('metadata', b'')
+        encoded.append(item.SerializeToString())
+    return snappy.compress(remote_pb2.WriteRequestV2SymbolBytes(
+        symbols=[text.encode() for text in symbols], timeseries=encoded).SerializeToString())
+
+
+UP = {'__name__': 'up', 'job': 'testjob', 'instance': 'localhost:9090'}
+
+
+def native_histogram(positive=False, negative=False, zero=False, custom=False, count=None):
+    """An encoded 2.0 Histogram with the compliance suite's buckets: positive
+    1, 3, 4, 7, 8 (23), negative 1, 2 (3), zero 1; custom 2, 3, 5, 8, 7, 5 (30)."""
+    histogram = remote_pb2.Histogram(sum=1.0, timestamp=1)
+    observed = 0
+    if positive:
+        histogram.positive_spans.add(offset=0, length=3)
+        histogram.positive_spans.add(offset=2, length=2)
+        histogram.positive_deltas.extend([1, 2, 1, 3, 1])
+        observed += 23
+    if negative:
+        histogram.negative_spans.add(offset=0, length=2)
+        histogram.negative_deltas.extend([1, 1])
+        observed += 3
+    if zero:
+        histogram.zero_count_int = 1
+        observed += 1
+    if custom:
+        del histogram.positive_spans[:]
+        histogram.positive_spans.add(offset=0, length=6)
+        del histogram.positive_deltas[:]
+        histogram.positive_deltas.extend([2, 1, 2, 3, -1, -2])
+        histogram.schema = -53
+        histogram.custom_values.extend([0.1, 0.5, 1.0, 2.5, 5.0, 10.0])
+        observed = 30
+    histogram.count_int = observed if count is None else count
+    return histogram.SerializeToString()
+
+
+HISTOGRAM = native_histogram(zero=True)
+EXEMPLAR = b'\x11' + struct.pack('<d', 1.0)
+SPECIAL_VALUES = {'one': 1.0, 'stale_nan': STALE_NAN, 'nan': math.nan, 'inf': math.inf,
+                  '-inf': -math.inf}
+NO_EXTRAS = {}
+
+# id, series, headers, status, (samples, histograms, exemplars) written
+COMPLIANCE_CASES = [
+    ('json', [(UP, 1.0, NO_EXTRAS)], {'Content-Type': 'application/json'}, 415, (0, 0, 0)),
+    ('png', [(UP, 1.0, NO_EXTRAS)], {'Content-Type': 'image/png'}, 415, (0, 0, 0)),
+    ('gzip', [(UP, 1.0, NO_EXTRAS)], {'Content-Encoding': 'gzip'}, 415, (0, 0, 0)),
+    ('deflate', [(UP, 1.0, NO_EXTRAS)], {'Content-Encoding': 'deflate'}, 415, (0, 0, 0)),
+    ('simple', [({'__name__': 'up'}, 1.0, NO_EXTRAS)], {}, 204, (1, 0, 0)),
+    ('job_instance', [(UP, 1.0, NO_EXTRAS)], {}, 204, (1, 0, 0)),
+    ('newlines', [({**UP, 'job': 'test\njob\n'}, 1.0, NO_EXTRAS)], {}, 204, (1, 0, 0)),
+    ('dots', [({'__name__': 'resource.cpu.usage', 'job.name': 'testjob',
+                'instance.name': 'localhost:9090'}, 1.0, NO_EXTRAS)], {}, 204, (1, 0, 0)),
+    ('spaces', [({'__name__': 'resource cpu usage', 'job name': 'testjob',
+                  'instance name': 'localhost:9090'}, 1.0, NO_EXTRAS)], {}, 204, (1, 0, 0)),
+    *((f'value_{name}', [(UP, value, NO_EXTRAS)], {}, 204, (1, 0, 0))
+      for name, value in SPECIAL_VALUES.items()),
+    ('no_name', [({'job': 'testjob', 'instance': 'localhost:9090'}, 1.0, NO_EXTRAS)], {},
+     400, (0, 0, 0)),
+    ('empty_name', [({'__name__': ''}, 1.0, NO_EXTRAS)], {}, 400, (0, 0, 0)),
+    ('no_labels', [({}, 1.0, NO_EXTRAS)], {}, 400, (0, 0, 0)),
+    ('four', [({**UP, 'instance': f'localhost:909{n}'}, 1.0, NO_EXTRAS) for n in range(4)],
+     {}, 204, (4, 0, 0)),
+    ('four_without_name', [({'job': 'testjob', 'instance': f'localhost:909{n}'}, 1.0,
+                            NO_EXTRAS) for n in range(4)], {}, 400, (0, 0, 0)),
+    ('one_of_four_without_name',
+     [({'job': 'testjob', 'instance': 'localhost:9090'}, 1.0, NO_EXTRAS)]
+     + [({**UP, 'instance': f'localhost:909{n}'}, 1.0, NO_EXTRAS) for n in range(1, 4)],
+     {}, 400, (3, 0, 0)),
+    ('histogram', [({'__name__': 'test_histogram'}, None, {'histograms': [HISTOGRAM]})], {},
+     204, (0, 1, 0)),
+    ('histogram_basic', [({'__name__': 'h'}, None, {'histograms': [native_histogram(
+        positive=True, negative=True, zero=True)]})], {}, 204, (0, 1, 0)),
+    ('histogram_custom_buckets', [({'__name__': 'h'}, None, {'histograms': [native_histogram(
+        positive=True, custom=True)]})], {}, 204, (0, 1, 0)),
+    ('histogram_positive_only', [({'__name__': 'h', 'job': 'test'}, None, {'histograms': [
+        native_histogram(positive=True, zero=True)]})], {}, 204, (0, 1, 0)),
+    ('histogram_negative_only', [({'__name__': 'h', 'instance': 'localhost'}, None, {
+        'histograms': [native_histogram(negative=True)]})], {}, 204, (0, 1, 0)),
+    ('histogram_empty', [({'__name__': 'h'}, None, {'histograms': [native_histogram()]})], {},
+     204, (0, 1, 0)),
+    ('histogram_bad_count', [({'__name__': 'h'}, None, {'histograms': [native_histogram(
+        positive=True, count=99)]})], {}, 400, (0, 0, 0)),
+    ('histogram_bad_count_beside_a_good_sample', [
+        ({'__name__': 'h'}, None, {'histograms': [native_histogram(positive=True, count=99)]}),
+        (UP, 1.0, NO_EXTRAS)], {}, 400, (1, 0, 0)),
+    ('two_histograms', [({'__name__': f'hist{n}', 'job': 'test'}, None,
+                         {'histograms': [HISTOGRAM]}) for n in (1, 2)], {}, 204, (0, 2, 0)),
+    ('histogram_exemplar', [({'__name__': 'h', 'method': 'GET'}, None,
+                             {'histograms': [HISTOGRAM], 'exemplars': [EXEMPLAR]})], {},
+     204, (0, 1, 1)),
+    ('sample_exemplar', [({'__name__': 'http_requests_total', 'job': 'api'}, 1.0,
+                          {'exemplars': [EXEMPLAR]})], {}, 204, (1, 0, 1)),
+    ('exemplar_without_data', [({'__name__': 'orphan'}, None, {'exemplars': [EXEMPLAR]})],
+     {}, 204, (0, 0, 1)),
+    ('metadata_without_data', [({'__name__': 'orphan'}, None, {'metadata': b'\x08\x01'})],
+     {}, 204, (0, 0, 0)),
+    ('exemplar_of_a_series_without_name', [({'job': 'test'}, 1.0, {'exemplars': [EXEMPLAR]})],
+     {}, 400, (0, 0, 0)),
+    ('exported_and_not', [(cadvisor(MEMORY, 'ns', 'p'), 5.0, {'exemplars': [EXEMPLAR]}),
+                          (UP, 1.0, NO_EXTRAS)], {}, 204, (2, 0, 1)),
+]
+
+
+def check_compliance_answer(status, headers, body, expected_status, written):
+    headers = {name.lower(): value for name, value in headers.items()}
+    assert status == expected_status, body
+    if status == 204:
+        assert body == b''
+    else:
+        one_line_reason(status, {'Content-Type': headers['content-type']}, body)
+    # Every 2xx carries the three headers, exact; elsewhere a missing one
+    # means 0 (the spec's rule for senders), as on a 415 that is not 2.0.
+    default = None if status == 204 else '0'
+    assert tuple(int(headers.get(f'x-prometheus-remote-write-{kind}-written', default))
+                 for kind in ('samples', 'histograms', 'exemplars')) == written
+
+
+@pytest.mark.parametrize('series, headers, status, written',
+                         [case[1:] for case in COMPLIANCE_CASES],
+                         ids=[case[0] for case in COMPLIANCE_CASES])
+def test_compliance_receiver_cases_in_process(series, headers, status, written):
+    response = call_wsgi(fresh_app(), 'POST', '/write', compliance_body(series),
+                         {'Content-Type': RW2_TYPE, 'Content-Encoding': 'snappy', **headers})
+    check_compliance_answer(*response, status, written)
+
+
+def test_compliance_receiver_cases_against_gunicorn():
+    with Gunicorn() as running:
+        for case_id, series, headers, status, written in COMPLIANCE_CASES:
+            response = http_request(running.url + '/write', 'POST', compliance_body(series), {
+                'Content-Type': RW2_TYPE, 'Content-Encoding': 'snappy',
+                'X-Prometheus-Remote-Write-Version': '2.0.0', **headers})
+            try:
+                check_compliance_answer(*response, status, written)
+            except AssertionError as error:
+                raise AssertionError(f'{case_id}: {error}') from None
+
+
+def test_compliance_rw1_sender_gets_204_and_no_written_headers():
+    status, headers, body = call_wsgi(fresh_app(), 'POST', '/write', compliance_body(
+        [(UP, 1.0, NO_EXTRAS), ({'__name__': 'http_requests_total'}, 100.0, NO_EXTRAS)],
+        protocol=1), {'Content-Type': 'application/x-protobuf', 'Content-Encoding': 'snappy'})
+    assert (status, body) == (204, b'')
+    assert not [name for name in headers if name.startswith('X-Prometheus-Remote-Write')]
+
+
+def _histogram(**fields):
+    spans = {name: fields.pop(name) for name in ('positive_spans', 'negative_spans')
+             if name in fields}
+    histogram = remote_pb2.Histogram(**fields)
+    for name, pairs in spans.items():
+        for offset, length in pairs:
+            getattr(histogram, name).add(offset=offset, length=length)
+    return histogram.SerializeToString()
+
+
+@pytest.mark.parametrize('encoded, problem', [
+    (native_histogram(positive=True, negative=True, zero=True), None),
+    (native_histogram(positive=True, custom=True), None),
+    (_histogram(count_float=2.5, zero_count_float=0.5, positive_spans=[(0, 1)],
+                positive_counts=[2.0]), None),
+    (_histogram(count_int=3, sum=math.nan, positive_spans=[(0, 1)], positive_deltas=[1]), None),
+    (native_histogram(positive=True, count=99),
+     'native histogram with count 99 but 23 observations in its buckets'),
+    (_histogram(count_int=1, sum=math.nan, positive_spans=[(0, 1)], positive_deltas=[2]),
+     'native histogram with count 1 but 2 observations in its buckets'),
+    (_histogram(schema=9), 'native histogram with schema 9'),
+    (_histogram(count_int=1, positive_spans=[(0, 2)], positive_deltas=[1]),
+     'native histogram whose spans and buckets disagree'),
+    (_histogram(count_int=1, positive_spans=[(0, 1), (-1, 1)], positive_deltas=[1, -1]),
+     'native histogram with a negative span offset after the first'),
+    (_histogram(count_int=0, positive_spans=[(0, 2)], positive_deltas=[1, -2]),
+     'native histogram with a negative bucket count'),
+    (_histogram(schema=-53, custom_values=[1.0, 1.0]),
+     'native histogram whose custom bounds do not increase'),
+    (_histogram(schema=-53, custom_values=[1.0], zero_count_int=1, count_int=1),
+     'native histogram with custom buckets and negative or zero buckets'),
+    (_histogram(schema=-53, custom_values=[1.0], count_int=3, positive_spans=[(0, 3)],
+                positive_deltas=[1, 0, 0]),
+     'native histogram with more custom buckets than bounds'),
+    (_histogram(custom_values=[1.0]),
+     'native histogram with custom bounds but an exponential schema'),
+], ids=['valid', 'valid_custom', 'valid_float', 'nan_sum_allows_more_count', 'bad_count',
+        'nan_sum_fewer_count', 'schema', 'spans', 'span_offset', 'negative_count',
+        'custom_bounds', 'custom_zero', 'custom_overflow', 'bounds_without_custom_schema'])
+def test_native_histograms_are_checked_as_prometheus_checks_them(encoded, problem):
+    assert k8s_exporter.histogram_problem(encoded) == problem
+
+
+@pytest.mark.parametrize('protocol', [1, 2])
+def test_samples_more_than_10_minutes_ahead_are_refused_counted_and_the_rest_applies(protocol):
+    now_ms = time.time_ns() // 10**6
+    app = fresh_app()
+    table = [(cadvisor(MEMORY, 'ns', 'ahead'), [(7, now_ms + 3 * 86_400_000)]),
+             (cadvisor(MEMORY, 'ns', 'ok'), [(1, now_ms + 9 * 60_000)]),
+             ({'__name__': 'node_load1'}, [(3, now_ms)])]
+    status, headers, body = post(app, table, protocol)
+    assert (status, one_line_reason(status, headers, body)) == (
+        400, "1 samples more than 10 minutes ahead of the exporter's clock refused; "
+             'the rest was applied')
+    assert headers.get('X-Prometheus-Remote-Write-Samples-Written') == (
+        None if protocol == 1 else '2')
+    assert (memory_of(app, 'ahead'), memory_of(app, 'ok')) == (None, 1)
+    # The real samples that follow are not "older" than the refused one.
+    assert post(app, [(cadvisor(MEMORY, 'ns', 'ahead'), [(8, now_ms)])], protocol)[0] == 204
+    assert memory_of(app, 'ahead') == 8
+    counters = read_exposition(scrape(app))
+    assert counters[('k8s_exporter_samples_ignored_total',
+                     (('reason', 'future_timestamp'),))] == 1
+    assert counters[('k8s_exporter_write_requests_total', (('result', 'partial'),))] == 1
+
+
+@pytest.mark.parametrize('protocol', [1, 2])
+def test_invalid_series_counts_samples_not_series(protocol):
+    app = fresh_app()
+    post(app, [({'job': 'j'}, [(1, 1), (2, 2), (3, 3)]), (cadvisor(MEMORY, 'n', 'p'), [(1, 1)])],
+         protocol)
+    counters = read_exposition(scrape(app))
+    assert counters[('k8s_exporter_samples_ignored_total', (('reason', 'invalid_series'),))] == 3
+    assert counters[('k8s_exporter_samples_received_total', ())] == 4
+
+
+def test_at_the_series_limit_writes_are_partly_applied_and_the_no_writes_signal_moves():
+    app = fresh_app(max_series=1)
+    assert post(app, [(cadvisor(MEMORY, 'ns', 'known'), [(1, 1)])])[0] == 204
+    before = read_exposition(scrape(app))
+    time.sleep(0.01)
+    status, _, _ = post(app, [(cadvisor(MEMORY, 'ns', 'known'), [(2, 2)]),
+                              (cadvisor(MEMORY, 'ns', 'new'), [(5, 2)])])
+    assert status == 400 and memory_of(app, 'known') == 2
+    assert post(app, [(cadvisor(MEMORY, 'ns', 'new'), [(5, 3)])])[0] == 400   # nothing applied
+    after = read_exposition(scrape(app))
+    results = {result: after[('k8s_exporter_write_requests_total', (('result', result),))]
+               for result in ('applied', 'partial', 'refused')}
+    assert results == {'applied': 1, 'partial': 1, 'refused': 1}
+    applied, success = (('k8s_exporter_last_write_applied_timestamp_seconds', ()),
+                        ('k8s_exporter_last_write_success_timestamp_seconds', ()))
+    assert after[success] == before[success]
+    assert after[applied] > before[applied]
+
+
+def raw_chunked_write_head(content_type=RW1_TYPE):
+    return (f'POST /write HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n'
+            'Content-Encoding: snappy\r\nTransfer-Encoding: chunked\r\n\r\n').encode()
+
+
+@pytest.mark.parametrize('body, end_of_input, reason', [
+    (b'zz\r\n0123\r\n0\r\n\r\n', False, 'malformed chunked request body'),
+    (b'4\r\n0123XX0\r\n\r\n', False, 'malformed chunked request body'),
+    (b'64\r\n0123456789', True, 'request body ended early'),
+], ids=['bad_chunk_size', 'missing_terminator', 'truncated'])
+def test_broken_chunked_bodies_are_400_with_a_reason_and_no_traceback(body, end_of_input,
+                                                                      reason):
+    with Gunicorn() as running:
+        with socket.create_connection(('127.0.0.1', running.port), timeout=30) as client:
+            client.sendall(raw_chunked_write_head() + body)
+            if end_of_input:
+                client.shutdown(socket.SHUT_WR)
+            assert read_response(client) == (400, reason.encode() + b'\n')
+        page = running.metrics()
+        assert (requests_counted(page, 'write', 400), requests_counted(page, 'write', 500)) == (
+            1, 0)
+    assert b'Traceback' not in running.log, running.log.decode(errors='replace')
+
+
+ALERTS_TEST = '''\
+rule_files: [{alerts}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      # At the series limit: every write is applied in part, none in full.
+      - series: k8s_exporter_last_write_applied_timestamp_seconds{{instance="a"}}
+        values: 0+60x30
+      - series: k8s_exporter_last_write_success_timestamp_seconds{{instance="a"}}
+        values: 0x30
+      - series: k8s_exporter_write_requests_total{{instance="a",result="partial"}}
+        values: 0+10x30
+      - series: k8s_exporter_write_requests_total{{instance="a",result="refused"}}
+        values: 0x30
+    alert_rule_test:
+      - {{eval_time: 25m, alertname: K8sExporterNoWrites, exp_alerts: []}}
+      - {{eval_time: 25m, alertname: K8sExporterWritesRefused, exp_alerts: []}}
+      - eval_time: 25m
+        alertname: K8sExporterWritesPartlyApplied
+        exp_alerts:
+          - exp_labels: {{instance: a}}
+            exp_annotations:
+              summary: "k8s_exporter a applies writes only in part; see k8s_exporter_samples_ignored_total"
+  - interval: 1m
+    input_series:
+      # prometheus1 stopped writing at minute 2.
+      - series: k8s_exporter_last_write_applied_timestamp_seconds{{instance="a"}}
+        values: 0 60 120x30
+    alert_rule_test:
+      - eval_time: 25m
+        alertname: K8sExporterNoWrites
+        exp_alerts:
+          - exp_labels: {{instance: a}}
+            exp_annotations:
+              summary: "k8s_exporter a has applied no write for 5 minutes"
+'''
+
+
+@pytest.mark.skipif(not os.access(PROMTOOL_BINARY, os.X_OK), reason='promtool not installed')
+def test_example_alerts_tell_writes_applied_in_part_from_no_writes(tmp_path):
+    alerts = HERE / 'examples' / 'alerts.yml'
+    check = subprocess.run([PROMTOOL_BINARY, 'check', 'rules', str(alerts)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    (tmp_path / 'test.yml').write_text(ALERTS_TEST.format(alerts=alerts))
+    result = subprocess.run([PROMTOOL_BINARY, 'test', 'rules', str(tmp_path / 'test.yml')],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Tables for the fast-path property: label order shuffled, an uppercase
+# external label now and then, and symbol tables padded so that refs take
+# one, two or three bytes.
+FAST_PATH_NAMES = [*EXPORTED_METRICS, 'container_network_receive_bytes_total', 'up', '',
+                   'container_memory_usage_bytes_total', 'xcontainer_fs_usage_bytes']
+
+
+@st.composite
+def shuffled_requests(draw):
+    series = []
+    for _ in range(draw(st.integers(1, 6))):
+        labels = {}
+        if draw(st.integers(0, 5)):
+            labels['__name__'] = draw(st.sampled_from(FAST_PATH_NAMES))
+        for name in draw(st.lists(st.sampled_from(['namespace', 'pod', 'container', 'id',
+                                                   'Region', 'A', 'job', 'zz', '_']),
+                                  max_size=6, unique=True)):
+            labels[name] = draw(st.sampled_from(['', 'ns', 'p', '__name__', 'a' * 130,
+                                                 *FAST_PATH_NAMES[:2]]))
+        order = draw(st.permutations(list(labels)))
+        samples = draw(st.lists(st.tuples(st.sampled_from([1.0, math.nan, STALE_NAN]),
+                                          st.integers(0, 2 ** 40)), max_size=2))
+        # 2.0 refs broken now and then: one too many, or one past the symbols.
+        damage = draw(st.sampled_from([None] * 6 + ['odd', 'name_value', 'other_value']))
+        series.append(([(name, labels[name]) for name in order], samples, damage))
+    return series, draw(st.sampled_from([0, 1, 200, 20_000]))
+
+
+def encode_in_order(series, protocol, filler):
+    """RW1 or RW2 payload keeping each series' label order; filler symbols first;
+    2.0 refs damaged as each series says."""
+    if protocol == PROTO_RW1:
+        request = remote_pb2.WriteRequest()
+        for labels, samples, _ in series:
+            item = request.timeseries.add()
+            for name, value in labels:
+                item.labels.add(name=name, value=value)
+            for value, timestamp in samples:
+                item.samples.add(value=value, timestamp=timestamp)
+        return request.SerializeToString()
+    request = remote_pb2.WriteRequestV2(symbols=[''] + [f'f{n}' for n in range(filler)])
+    refs = {text: ref for ref, text in enumerate(request.symbols)}
+    for labels, _, _ in series:
+        for pair in labels:
+            for text in pair:
+                if text not in refs:
+                    refs[text] = len(request.symbols)
+                    request.symbols.append(text)
+    past = len(request.symbols)
+    for labels, samples, damage in series:
+        item = request.timeseries.add()
+        for name, value in labels:
+            broken = damage == ('name_value' if name == '__name__' else 'other_value')
+            item.labels_refs.extend([refs[name], past if broken else refs[value]])
+        if damage == 'odd':
+            item.labels_refs.append(1)
+        for value, timestamp in samples:
+            item.samples.add(value=value, timestamp=timestamp)
+    return request.SerializeToString()
+
+
+def decoded_outcome(payload, protocol, fast_paths):
+    decoder = k8s_exporter.RemoteWriteDecoder(EXPORTED_METRICS, 'c', fast_paths)
+    try:
+        decoded = decoder.decode(payload, protocol, 2 ** 40)
+    except RequestError as error:
+        return error.status, error.reason
+    fields = dataclasses.asdict(decoded)
+    fields['samples'] = [(*sample[:4], bits_of(sample.value)) for sample in decoded.samples]
+    return fields
+
+
+@PROPERTY_SETTINGS
+@given(request=shuffled_requests(), protocol=st.sampled_from([PROTO_RW1, PROTO_RW2]))
+def test_fast_paths_decode_exactly_as_the_full_path_on_random_input(request, protocol):
+    series, filler = request
+    payload = encode_in_order(series, protocol, filler)
+    assert decoded_outcome(payload, protocol, True) == decoded_outcome(payload, protocol, False)
+
+
+@pytest.mark.parametrize('capture', ALL_CAPTURES)
+@pytest.mark.parametrize('protocol', [PROTO_RW1, PROTO_RW2])
+@pytest.mark.parametrize('external', [None, 'Region'], ids=['sorted', 'uppercase_label'])
+def test_fast_paths_decode_exactly_as_the_full_path_on_every_fixture(capture, protocol,
+                                                                     external):
+    labels = {external: 'eu-west-1'} if external else None
+    table = capture_table(capture_samples(capture), 'kubelet', 1_000, labels)
+    payload = (rw1_body if protocol == PROTO_RW1 else rw2_body)(table, compress=False)
+    fast = decoded_outcome(payload, protocol, True)
+    assert fast == decoded_outcome(payload, protocol, False)
+    assert fast['samples']
 
 
 ###############################################################################
@@ -2491,14 +2992,18 @@ def test_self_metrics_follow_the_pod_families_as_the_seed_shows():
         ('k8s_exporter_http_requests_total', (('code', '204'), ('handler', 'write'))): 1,
         ('k8s_exporter_http_requests_total', (('code', '400'), ('handler', 'write'))): 1,
         ('k8s_exporter_http_requests_total', (('code', '404'), ('handler', 'unknown'))): 1,
-        ('k8s_exporter_samples_received_total', ()): len(seed_table()),
+        ('k8s_exporter_samples_received_total', ()): len(seed_table()) + 1,
         ('k8s_exporter_samples_ignored_total', (('reason', 'unexported_metric'),)): 1,
         ('k8s_exporter_samples_ignored_total', (('reason', 'no_pod'),)): 1,
         ('k8s_exporter_samples_ignored_total', (('reason', 'invalid_series'),)): 1,
+        ('k8s_exporter_samples_ignored_total', (('reason', 'future_timestamp'),)): 0,
         ('k8s_exporter_input_series', ()): 25,
         ('k8s_exporter_pods', ()): 5,
         ('k8s_exporter_write_duration_seconds_bucket', (('le', '+Inf'),)): 2,
         ('k8s_exporter_write_duration_seconds_count', ()): 2,
+        ('k8s_exporter_write_requests_total', (('result', 'applied'),)): 1,
+        ('k8s_exporter_write_requests_total', (('result', 'partial'),)): 0,
+        ('k8s_exporter_write_requests_total', (('result', 'refused'),)): 1,
     }
     assert {key: samples[key] for key in expected} == expected
     assert samples[('k8s_exporter_last_write_success_timestamp_seconds', ())] == (
@@ -2561,17 +3066,18 @@ def test_rw2_samples_written_leave_out_those_the_series_limit_refused():
     assert (status, headers['X-Prometheus-Remote-Write-Samples-Written']) == (400, '1')
 
 
-def test_rw2_histograms_and_exemplars_are_accepted_and_ignored():
+def test_rw2_histograms_and_exemplars_are_accepted_ignored_and_counted_as_written():
     request = remote_pb2.WriteRequestV2()
     request.MergeFromString(snappy.uncompress(rw2_body(seed_table()[:1])))
-    # Field 3 (histograms) and 4 (exemplars) of TimeSeries: unknown here.
-    request.timeseries[0].MergeFromString(b'\x1a\x02\x08\x01' + b'\x22\x02\x11\x00')
+    # Field 3 (histograms: count 1, in the zero bucket) and 4 (exemplars).
+    request.timeseries[0].MergeFromString(b'\x1a\x04\x08\x01\x30\x01' + b'\x22\x02\x11\x00')
     status, headers, _ = call_wsgi(fresh_app(), 'POST', '/write',
                                    snappy.compress(request.SerializeToString()),
                                    {'Content-Type': RW2_TYPE})
     assert status == 204
     assert headers['X-Prometheus-Remote-Write-Samples-Written'] == '1'
-    assert headers['X-Prometheus-Remote-Write-Histograms-Written'] == '0'
+    assert headers['X-Prometheus-Remote-Write-Histograms-Written'] == '1'
+    assert headers['X-Prometheus-Remote-Write-Exemplars-Written'] == '1'
 
 
 def test_metadata_only_rw1_request_is_accepted():
@@ -2591,9 +3097,10 @@ def test_empty_write_request_is_accepted():
     (b'junk', {'Content-Encoding': 'gzip'}, (415, "unsupported Content-Encoding 'gzip'; "
                                                   "expected snappy")),
     (b'\x05junk', {}, (400, 'corrupt snappy: not a valid snappy block')),
-    (snappy.compress(b'\xff\xff\xff'), {}, (400, 'corrupt protobuf: Error parsing message')),
+    (snappy.compress(b'\xff\xff\xff'), {},
+     (400, 'corrupt protobuf: not a remote-write 1.0 request')),
     (snappy.compress(b'\x0a\x02\x0a\x00\x0a\x02'), {'Content-Type': RW2_TYPE},
-     (400, 'corrupt protobuf: Error parsing message')),
+     (400, 'corrupt protobuf: not a remote-write 2.0 request')),
     (b'', {}, (400, 'empty body')),
 ], ids=['text/plain', 'gzip', 'not-snappy', 'not-protobuf', 'rw2-truncated-series', 'empty'])
 def test_bad_bodies_get_a_4xx_with_a_one_line_reason(body, headers, expected):
@@ -2601,13 +3108,31 @@ def test_bad_bodies_get_a_4xx_with_a_one_line_reason(body, headers, expected):
     assert (status, reason[:len(expected[1])]) == expected
 
 
-@pytest.mark.parametrize('build, content_type', [(rw1_body, RW1_TYPE), (rw2_body, RW2_TYPE)],
-    ids=['rw1', 'rw2'])
-def test_invalid_utf8_in_an_exported_series_is_corrupt_protobuf(build, content_type):
-    payload = build([(cadvisor(MEMORY, 'ns', 'pod-xxxx'), [(1, 1)])], compress=False)
-    raw = payload.replace(b'pod-xxxx', b'pod-\xff\xfe\xfd\xfc')
-    status, reason = rejection(fresh_app(), snappy.compress(raw), {'Content-Type': content_type})
-    assert (status, reason.split(':')[0]) == (400, 'corrupt protobuf')
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+def test_bytes_that_are_not_utf8_refuse_only_their_series(protocol):
+    """A sender's bad bytes cost that series alone: the request is 400 with
+    the rest applied, and an unexported series never fails at all."""
+    table = [(cadvisor(MEMORY, 'ns', 'pod-xxxx'), [(1, 1)]),       # exported, bad bytes
+             (cadvisor(MEMORY, 'ns', 'good'), [(2, 1)]),
+             ({'__name__': 'node_load1', 'host': 'host-yyyy'}, [(3, 1)])]   # unexported
+    payload = (rw1_body if protocol == 1 else rw2_body)(table, compress=False)
+    for text in (b'pod-xxxx', b'host-yyyy'):
+        payload = payload.replace(text, text[:-4] + b'\xff\xfe\xfd\xfc')
+    app = fresh_app()
+    status, headers, body = call_wsgi(app, 'POST', '/write', snappy.compress(payload),
+                                      {'Content-Type': RW1_TYPE if protocol == 1 else RW2_TYPE})
+    assert (status, one_line_reason(status, headers, body)) == (
+        400, '1 invalid series skipped, first: series of container_memory_usage_bytes with a '
+             'label that is not valid UTF-8; the rest was applied')
+    assert headers.get('X-Prometheus-Remote-Write-Samples-Written') == (
+        None if protocol == 1 else '2')
+    assert memory_of(app, 'good') == 2
+    assert memory_of(app, 'pod-xxxx') is None
+    status, headers, _ = call_wsgi(app, 'POST', '/write', snappy.compress(
+        (rw1_body if protocol == 1 else rw2_body)(table[2:], compress=False).replace(
+            b'host-yyyy', b'host-\xff\xfe\xfd\xfc')),
+        {'Content-Type': RW1_TYPE if protocol == 1 else RW2_TYPE})
+    assert status == 204
 
 
 def test_a_label_with_fields_beyond_name_and_value_is_still_read():
@@ -2902,7 +3427,8 @@ sample_value = st.one_of(
     st.integers(-2 ** 53, 2 ** 53).map(float))
 EXTREME_VALUES = [math.inf, -math.inf, 1.7976931348623157e308, -1.7976931348623157e308, 1e308,
                   math.nan, STALE_NAN]
-sample_timestamp = st.one_of(st.integers(0, 4), st.integers(-2 ** 63, 2 ** 63 - 1))
+# Up to 2004: samples stamped ahead of the clock are refused (their own test).
+sample_timestamp = st.one_of(st.integers(0, 4), st.integers(-2 ** 63, 2 ** 40))
 CGROUPS = ['/', '/kubepods/burstable/pod0a1b-2c3d', '/kubepods/burstable/pod0a1b-2c3d/4e5f',
            '/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b_2c3d.slice',
            '/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b_2c3d.slice/'
@@ -3220,6 +3746,47 @@ def test_python3_k8s_exporter_py_with_bad_environment_says_one_line():
         4, "k8s_exporter: K8S_EXPORTER_METRICS: 'bad name' is not a valid metric name\n")
 
 
+@pytest.mark.parametrize('missing', ['snappy', 'gunicorn'])
+def test_python3_k8s_exporter_py_without_a_package_says_what_to_install_in_one_line(
+        tmp_path, missing):
+    # A package that fails to import, first on the path: as on a host without it.
+    (tmp_path / missing).mkdir()
+    (tmp_path / missing / '__init__.py').write_text(
+        f'raise ImportError("No module named {missing!r}")\n')
+    result = subprocess.run([sys.executable, 'k8s_exporter.py'], cwd=HERE,
+                            env={**os.environ, 'PYTHONPATH': str(tmp_path),
+                                 'K8S_EXPORTER_LISTEN': f'127.0.0.1:{free_port()}'},
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (1, (
+        f"k8s_exporter: No module named '{missing}'; it needs gunicorn>=27, protobuf>=6.31, "
+        "python-snappy>=0.7: python3 -m venv venv && venv/bin/pip install 'gunicorn>=27' "
+        "'protobuf>=6.31' 'python-snappy>=0.7' && venv/bin/python k8s_exporter.py\n"))
+
+
+def test_python3_k8s_exporter_py_with_debians_protobuf_3_21_says_what_to_install(tmp_path):
+    # What Debian 12's python3-protobuf offers: no runtime_version, which
+    # remote_pb2.py (generated for 6.31) needs.
+    package = tmp_path / 'google' / 'protobuf'
+    package.mkdir(parents=True)
+    (tmp_path / 'google' / '__init__.py').write_text('')
+    (package / '__init__.py').write_text("__version__ = '3.21.12'\n")
+    (package / 'message.py').write_text('class DecodeError(Exception):\n    pass\n')
+    (package / 'unknown_fields.py').write_text('class UnknownFieldSet:\n    pass\n')
+    for name in ('descriptor', 'descriptor_pool'):
+        (package / f'{name}.py').write_text('')
+    result = subprocess.run([sys.executable, 'k8s_exporter.py'], cwd=HERE,
+                            env={**os.environ, 'PYTHONPATH': str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.count('\n') == 1, result.stderr
+    assert result.stderr.startswith(
+        "k8s_exporter: cannot import name 'runtime_version' from 'google.protobuf'")
+    assert result.stderr.endswith(
+        "; it needs gunicorn>=27, protobuf>=6.31, python-snappy>=0.7: python3 -m venv venv && "
+        "venv/bin/pip install 'gunicorn>=27' 'protobuf>=6.31' 'python-snappy>=0.7' && "
+        "venv/bin/python k8s_exporter.py\n")
+
+
 def test_gunicorn_enforces_write_and_scrape_credentials(tmp_path):
     (tmp_path / 'token').write_text('tok\n')
     (tmp_path / 'users').write_text('scraper:pw\n')
@@ -3416,7 +3983,7 @@ def test_soak_writers_and_scrapers_see_no_5xx_no_half_applied_pod_and_flat_memor
     # Warm-up: the first abandoned pods must have outlived the TTL before
     # the series count can be flat.
     warmup = SOAK_TTL_SECONDS + 2 * SOAK_CHURN_SECONDS
-    seconds = max(float(os.environ.get('K8S_EXPORTER_SOAK_SECONDS', '8')), warmup + 3)
+    seconds = max(float(os.environ.get('TEST_K8S_EXPORTER_SOAK_SECONDS', '8')), warmup + 3)
     with Gunicorn(env={'K8S_EXPORTER_TTL_SECONDS': str(SOAK_TTL_SECONDS)}) as server:
         soak = SoakRun(server.url, seconds)
         soak.run()
