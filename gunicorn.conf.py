@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def on_starting(server):
     """Check the environment once, before forking, and say what is wrong in one line."""
     import k8s_exporter
-    k8s_exporter.load_config_or_exit()
+    k8s_exporter.load_config_or_exit(warn=True)
 
 
 def post_fork(server, worker):

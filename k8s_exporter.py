@@ -1950,27 +1950,30 @@ def text_response(status, reason, headers=()):
 
 def load_config():
     """The configuration from os.environ: the one place the environment is read."""
-    config = Config.from_environ(os.environ)
-    configure_logging()
-    for warning in configuration_warnings(os.environ, config):
-        LOG.warning('%s', warning)
-    return config
+    return Config.from_environ(os.environ)
 
 
 EXIT_CONFIG_ERROR = 4   # gunicorn's "app failed to load": its master stops, not respawns
 
 
-def load_config_or_exit():
+def load_config_or_exit(warn=False):
     """load_config(), or its one-line reason on stderr and exit 4.
 
     gunicorn.conf.py's on_starting calls it in gunicorn's master, before
-    any worker is forked; python3 k8s_exporter.py calls it first thing.
+    any worker is forked, with warn: the warnings are logged there, once;
+    python3 k8s_exporter.py calls it first thing, and the worker when it
+    makes the app.
     """
+    configure_logging()
     try:
-        return load_config()
+        config = load_config()
     except ConfigError as error:
         print(f'k8s_exporter: {error}', file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
+    if warn:
+        for warning in configuration_warnings(os.environ, config):
+            LOG.warning('%s', warning)
+    return config
 
 
 def __getattr__(name):

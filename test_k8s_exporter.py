@@ -977,12 +977,14 @@ def test_config_reads_every_variable():
                                                  "not a valid metric name"),
     ('K8S_EXPORTER_METRICS', ',', "K8S_EXPORTER_METRICS=',': names no metric"),
     ('K8S_EXPORTER_LISTEN', '9201', "K8S_EXPORTER_LISTEN='9201': expected HOST:PORT"),
-    ('K8S_EXPORTER_TTL_SECONDS', 'inf', "K8S_EXPORTER_TTL_SECONDS='inf': must be greater than 0"),
+    ('K8S_EXPORTER_TTL_SECONDS', 'inf', "K8S_EXPORTER_TTL_SECONDS='inf': must be from 1 to "
+                                        "604800"),
     ('K8S_EXPORTER_LISTEN', '127.0.0.1:65536',
      "K8S_EXPORTER_LISTEN='127.0.0.1:65536': expected HOST:PORT"),
-], ids=['ttl-not-a-number', 'ttl-zero', 'ttl-nan', 'max-body-not-an-integer',
-        'max-series-negative', 'cluster-blank', 'metrics-bad-name', 'metrics-none',
-        'listen-without-host', 'ttl-inf', 'listen-port-too-large'])
+], ids=['ttl-not-a-number', 'ttl-zero', 'ttl-tiny', 'ttl-nan', 'ttl-too-long',
+        'max-body-not-an-integer', 'max-body-too-small', 'max-decoded-too-large',
+        'max-series-negative', 'max-decodes-zero', 'cluster-blank', 'metrics-bad-name',
+        'metrics-none', 'listen-without-host', 'ttl-inf', 'listen-port-too-large'])
 def test_config_rejects_a_bad_value_naming_the_variable(name, value, message):
     with pytest.raises(ConfigError) as raised:
         Config.from_environ({name: value})
@@ -1040,7 +1042,7 @@ def test_the_tests_and_tools_set_no_variable_the_exporter_would_warn_about():
 def test_gunicorn_logs_each_warning_once_with_time_and_level():
     with Gunicorn(env={'K8S_EXPORTER_TTL_SECOND': '60'}) as running:
         assert running.metrics()
-    lines = [line for line in running.log.decode().splitlines() if 'TTL_SECOND' in line]
+    lines = [line for line in running.log.splitlines() if 'TTL_SECOND' in line]
     assert len(lines) == 1, lines
     assert re.fullmatch(r'\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[WARNING\] '
                         r'k8s_exporter: K8S_EXPORTER_TTL_SECOND is not a k8s_exporter '
@@ -2053,7 +2055,7 @@ def test_broken_chunked_bodies_are_400_with_a_reason_and_no_traceback(body, end_
         page = running.metrics()
         assert (requests_counted(page, 'write', 400), requests_counted(page, 'write', 500)) == (
             1, 0)
-    assert b'Traceback' not in running.log, running.log.decode(errors='replace')
+    assert 'Traceback' not in running.log, running.log
 
 
 ALERTS_TEST = '''\
