@@ -133,6 +133,13 @@ METRICS = {spec.name: spec for spec in (
 DEFAULT_METRICS = ('container_cpu_load_average_10s', 'container_fs_limit_bytes',
                    'container_fs_usage_bytes', 'container_memory_max_usage_bytes',
                    'container_memory_usage_bytes')
+# What the README recommends for Kubernetes 1.30 and later, where three of
+# the five erode (see its aggregation section).
+RECOMMENDED_METRICS = ('container_cpu_usage_seconds_total', 'container_memory_usage_bytes',
+                       'container_memory_working_set_bytes',
+                       'container_network_receive_bytes_total',
+                       'container_network_transmit_bytes_total',
+                       'container_spec_memory_limit_bytes')
 # The part labels by metric name, for the decoder: one dict lookup per kept series.
 PART_LABELS = {name: spec.part_label for name, spec in METRICS.items() if spec.part_label}
 

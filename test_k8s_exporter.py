@@ -5074,10 +5074,7 @@ def prometheus2_range(prometheus2, metric, pod):
 
 
 
-RECOMMENDED_METRICS = ('container_cpu_usage_seconds_total', 'container_memory_working_set_bytes',
-                       'container_memory_usage_bytes', 'container_spec_memory_limit_bytes',
-                       'container_network_receive_bytes_total',
-                       'container_network_transmit_bytes_total')
+RECOMMENDED_METRICS = k8s_exporter.RECOMMENDED_METRICS
 
 
 def test_the_recommended_metrics_are_known_and_the_readme_and_example_agree():
