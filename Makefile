@@ -51,7 +51,7 @@ soak: $(VENV)/.dev ## writers and scrapers against gunicorn for about 60 s
 	TEST_K8S_EXPORTER_SOAK_SECONDS=60 $(BIN)/python -m pytest -q -k soak test_k8s_exporter.py
 
 screenshots: $(VENV)/.runtime chromium ## render /, /pods and /pod of a demo store to docs/*.png
-	$(BIN)/python docs/screenshots.py docs
+	$(BIN)/python screenshots_k8s_exporter.py docs
 
 proto: $(VENV)/.dev ## regenerate remote_pb2.py from remote.proto
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. remote.proto

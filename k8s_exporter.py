@@ -1863,10 +1863,12 @@ nav a{margin-right:1.2em}nav .version{float:right;color:#57606a}
 h1{font-size:1.4em;margin:.4em 0}h2{font-size:1.15em;margin:1.4em 0 .3em}
 h3{font-size:1em;margin:1.2em 0 .2em;font-family:monospace}
 table{border-collapse:collapse;margin:.3em 0 1em}
-th,td{padding:.2em .7em;border-bottom:1px solid #e4e8ec;text-align:left;vertical-align:top}
-th{background:#f3f5f7;font-weight:600}
-td.n{text-align:right;font-variant-numeric:tabular-nums;font-family:monospace}
-.mono{font-family:monospace;font-size:12.5px;word-break:break-all}
+th,td{padding:.2em .6em;border-bottom:1px solid #e4e8ec;text-align:left;vertical-align:top;
+white-space:nowrap}
+th{background:#f3f5f7;font-weight:600;white-space:normal}
+td.n{text-align:right;font-variant-numeric:tabular-nums;font-family:monospace;font-size:13px}
+.mono{font-family:monospace;font-size:12.5px;word-break:break-all;white-space:normal}
+.why{white-space:normal}
 tr.not td{color:#7d8590}.yes{color:#1a7f37;font-weight:600}
 .muted{color:#57606a}form{margin:.5em 0 1em}input{margin-right:1em}
 '''
@@ -1924,7 +1926,9 @@ def html_response(page):
 
 def html_table(header, rows):
     """A table of escaped header names and rows of ready cells (<td>...</td>)."""
-    head = ''.join(f'<th>{escape_html(name)}</th>' for name in header)
+    # A metric name may break after an underscore: five of them side by side
+    # are wider than a laptop's screen.
+    head = ''.join(f'<th>{escape_html(name).replace("_", "_<wbr>")}</th>' for name in header)
     return f'<table>{f"<tr>{head}</tr>" if head else ""}\n{"".join(rows)}</table>\n'
 
 
@@ -1960,6 +1964,11 @@ def format_bytes(count):
 def format_value(value):
     """A pod value as /metrics spells it; a dash where the pod has none."""
     return '-' if value is None else format_go_float(value)
+
+
+def format_sample_value(value):
+    """An input series' value; a stale marker says so rather than NaN."""
+    return 'stale marker' if is_stale_marker(value) else format_go_float(value)
 
 
 def metric_rule(name):
@@ -2008,7 +2017,7 @@ def render_status_page(config, status, process, started_at, now):
         parts.append('<p class="muted">None since start-up.</p>\n')
     parts.append('<h2>Configuration</h2>\n')
     parts.append(html_table(('variable', 'value'), [
-        f'<tr>{cell(name, css="mono")}{cell(value, css="mono")}</tr>\n'
+        f'<tr>{cell(name)}{cell(value, css="mono")}</tr>\n'
         for name, value in configuration_shown(config)]))
     parts.append('<h2>Endpoints</h2>\n<ul><li><a href="metrics">/metrics</a></li>'
                  '<li><a href="pods">/pods</a>: every pod and its values</li>'
@@ -2185,10 +2194,10 @@ def render_pod_page(metric_names, namespace, pod, views, now):
                     f'<tr class="{"not" if why else "counted"}">{cell(series_kind(series_key))}'
                     f'{cell(series_key.container)}{cell(series_key.id, css="mono")}'
                     f'{cell(series_key.image, css="mono")}{cell(series_key.device)}'
-                    f'{cell(format_go_float(value), numeric=True)}'
+                    f'{cell(format_sample_value(value), numeric=True)}'
                     f'{cell(format_unix_time(timestamp_ms / 1000))}'
                     f'{cell(format_age(now - timestamp_ms / 1000))}'
-                    + (cell(f'no: {why}') if why else '<td class="yes">counted</td>')
+                    + (cell(f'no: {why}', css='why') if why else '<td class="yes">counted</td>')
                     + '</tr>\n')
             parts.append(html_table(('kind', 'container', 'id', 'image', 'device', 'value',
                                      'sample time', 'age', 'counted'), rows))

@@ -3620,7 +3620,8 @@ def test_pod_page_shows_per_metric_the_value_the_rule_and_why_each_series_counts
             ('container', 'app', f'{pod_cgroup}/c2', '/dev/a', '20', 'counted'),
             ('container', 'app', f'{pod_cgroup}/c1', '/dev/a', '300',
              'no: replaced by a newer series of the same container'),
-            ('container', 'log', f'{pod_cgroup}/l1', '/dev/a', 'NaN', 'no: ended by a stale marker'),
+            ('container', 'log', f'{pod_cgroup}/l1', '/dev/a', 'stale marker',
+             'no: ended by a stale marker'),
         ],
         f'{MEMORY} = 7000': [
             ('pod cgroup', '', pod_cgroup, '', '7000', 'counted'),
