@@ -1446,22 +1446,24 @@ class Store:
             return pod.values, held
 
     def page_status(self, now):
-        """What the status page shows, copied in one lock hold.
+        """What the status page shows: the totals in one lock hold, then
+        each pod's live series count a slice of pods per hold.
 
-        The pods' keys and live series counts are copied by C loops (about
-        3 ms at 100,000 pods) and grouped per sender outside the lock.
+        Reading 100,000 pods' counts took 28 ms under one hold (a loaded
+        machine); a write now waits for one slice at most.
         """
         with self._lock:
-            return PageStatus(
-                pod_count=self._live_pods,
-                series_count=self._live_series,
-                ended_count=self._ended_series,
-                pod_keys=self._pod_keys[:],
-                pod_live_series=list(map(_live_series_of, self._pod_order)),
-                senders=self.senders.copy(now),
-                refused_writes=list(self.refused_writes),
-                counters=self.counters.copy(),
-            )
+            totals = (self._live_pods, self._live_series, self._ended_series,
+                      self._pod_keys[:], self.senders.copy(now), list(self.refused_writes),
+                      self.counters.copy())
+        pod_count, series_count, ended_count, pod_keys, senders, refused, counters = totals
+        live = []
+        for start in range(0, len(pod_keys), PAGE_COPY_CHUNK_PODS):
+            with self._lock:
+                pods = map(self._pods.get, pod_keys[start:start + PAGE_COPY_CHUNK_PODS])
+                live.extend(0 if pod is None else pod.live for pod in pods)
+        return PageStatus(pod_count, series_count, ended_count, pod_keys, live, senders,
+                          refused, counters)
 
     # -- notes for the pages -------------------------------------------------
 
@@ -1484,8 +1486,8 @@ def _add_to(sets, key, item):
         members.add(item)
 
 
-_live_series_of = operator.attrgetter('live')
 REFUSED_WRITES_SHOWN = 20
+PAGE_COPY_CHUNK_PODS = 1000   # pods read per lock hold for a page: ~0.3 ms
 
 
 class SenderStats:
@@ -2027,13 +2029,25 @@ def render_status_page(config, status, process, started_at, now):
     return html_page('Status', ''.join(parts))
 
 
+def sender_ranges(pod_keys):
+    """{(cluster, job): (start, end)} of the sorted keys: each sender's pods are
+    one run of them, found by bisection without reading every key."""
+    ranges = {}
+    start = 0
+    while start < len(pod_keys):
+        sender = pod_keys[start][:2]
+        end = bisect.bisect_right(pod_keys, sender, lo=start, key=_sender_of_pod)
+        ranges[sender] = (start, end)
+        start = end
+    return ranges
+
+
 def render_senders(status, now):
     pods, series = {}, {}
-    for key, live in zip(status.pod_keys, status.pod_live_series):
-        if live:
-            sender = key[:2]
-            pods[sender] = pods.get(sender, 0) + 1
-            series[sender] = series.get(sender, 0) + live
+    for sender, (start, end) in sender_ranges(status.pod_keys).items():
+        live = status.pod_live_series[start:end]
+        pods[sender] = len(live) - live.count(0)
+        series[sender] = sum(live)
     senders = sorted(set(pods) | set(status.senders))
     if not senders:
         return '<p class="muted">No writes since start-up.</p>\n'
