@@ -90,6 +90,7 @@ from k8s_exporter import (
     pod_value,
     read_process_stat,
 )
+from screenshots_k8s_exporter import CHROMIUM_BINARY, run_chromium
 
 HERE = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
@@ -5690,6 +5691,89 @@ def test_exporter_killed_and_restarted_gets_every_pod_back_and_prometheus1_loses
                       'every pod back on the restarted exporter')
         pipeline.wait_for_values(expected, timeout=10)
         assert_remote_write_failed_nothing(pipeline.prometheus1, retries_allowed=True)
+
+
+# The pages in a real browser: Debian's chromium, headless, loads each page
+# from the exporter after prometheus1 has written to it. Its --dump-dom is
+# the DOM after the page has loaded: an injected element would show in it,
+# and an injected script would have changed the title.
+
+needs_chromium = pytest.mark.skipif(
+    not os.access(CHROMIUM_BINARY, os.X_OK),
+    reason=f'{CHROMIUM_BINARY} not installed: the browser tests need Debian\'s chromium '
+           'package (`make chromium` as root)')
+
+
+def text_format_label(value):
+    return value.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
+def browser_kubelet_text():
+    """web-0: a pod cgroup, a container and a pause container; and a pod named to inject."""
+    web = 'namespace="shop",pod="web-0"'
+    injected = (f'namespace="{text_format_label(INJECTED_NAMESPACE)}",'
+                f'pod="{text_format_label(INJECTED_POD)}"')
+    return '\n'.join([
+        f'container_memory_usage_bytes{{container="",id="{POD_UID_OLD}",{web}}} 7000',
+        f'container_memory_usage_bytes{{container="app",id="{POD_UID_OLD}/c1",image="app:1",'
+        f'{web}}} 5000',
+        f'container_memory_usage_bytes{{container="",id="{POD_UID_OLD}/pause",{web}}} 500',
+        f'container_fs_usage_bytes{{container="app",device="/dev/vda1",id="{POD_UID_OLD}/c1",'
+        f'image="app:1",{web}}} 300',
+        f'container_memory_usage_bytes{{container="",id="{POD_UID_NEW}",{injected}}} 42',
+    ]) + '\n'
+
+
+def browser_dom(url):
+    """The DOM chromium made of url, and its title as the browser shows it."""
+    dom = run_chromium(url, '--dump-dom')
+    titles = re.findall(r'<title>(.*?)</title>', dom, re.S)
+    assert len(titles) == 1, dom[:2000]
+    return dom, html.unescape(titles[0])
+
+
+@needs_chromium
+@needs_prometheus
+def test_chromium_shows_every_page_after_a_real_write_and_runs_nothing_injected():
+    job = 'kubernetes-cadvisor'
+    with contextlib.ExitStack() as stack:
+        pipeline = SmallPipeline(stack, browser_kubelet_text(), job)
+        url = pipeline.exporter.url
+        pipeline.wait(lambda: {key[3:] for key in exporter_pod_values(pipeline.exporter)} == {
+                          ('shop', 'web-0'), (INJECTED_NAMESPACE, INJECTED_POD)},
+                      40, 'both pods at the exporter')
+        refused = '<script>document.title="REFUSED"</script>'
+        assert http_request(url + '/write', 'POST', b'x', {'Content-Type': refused})[0] == 415
+        injected_query = urllib.parse.urlencode(
+            {'namespace': INJECTED_NAMESPACE, 'pod': INJECTED_POD}, quote_via=urllib.parse.quote)
+        pages = {path: browser_dom(url + path) for path in (
+            '/', '/pods', '/pod?namespace=shop&pod=web-0', '/pod?' + injected_query)}
+        assert_remote_write_failed_nothing(pipeline.prometheus1)
+
+    for path, (dom, title) in pages.items():
+        assert '<script' not in dom and '<img' not in dom, (path, dom)
+        assert title not in ('INJECTED', 'REFUSED'), path     # what the scripts would set
+        assert f'k8s_exporter {k8s_exporter.__version__}' in dom, path
+    dom, title = pages['/']
+    assert title == 'Status - k8s_exporter'
+    senders = [row[:4] for row in table_rows(dom) if len(row) == 6]
+    assert senders == [[E2E_CLUSTER, job, '2', '5']]
+    reasons = [row[3] for row in table_rows(dom) if len(row) == 4]
+    assert reasons == [f"unsupported Content-Type '{refused}'; expected application/x-protobuf"]
+    dom, title = pages['/pods']
+    assert title == 'Pods - k8s_exporter'
+    assert [row[:4] + row[-1:] for row in table_rows(dom)] == [
+        [E2E_CLUSTER, job, INJECTED_NAMESPACE, INJECTED_POD, '42'],
+        [E2E_CLUSTER, job, 'shop', 'web-0', '7000']]
+    dom, title = pages['/pod?namespace=shop&pod=web-0']
+    assert title == 'Pod shop/web-0 - k8s_exporter'
+    assert explained(dom)[f'{MEMORY} = 7000'] == [
+        ('pod cgroup', '', POD_UID_OLD, '', '7000', 'counted'),
+        ('pause container', '', f'{POD_UID_OLD}/pause', '', '500', 'no: pod cgroup preferred'),
+        ('container', 'app', f'{POD_UID_OLD}/c1', '', '5000', 'no: pod cgroup preferred')]
+    dom, title = pages['/pod?' + injected_query]
+    assert title == f'Pod {INJECTED_NAMESPACE}/{INJECTED_POD} - k8s_exporter'
+    assert list(explained(dom)) == [f'{MEMORY} = 42']
 
 
 # examples/.
