@@ -6,7 +6,9 @@ prometheus1 remote-writes what it scrapes from cAdvisor (the kubelet's
 /metrics/cadvisor or a standalone cAdvisor) to POST /write, in Remote Write
 1.0 or 2.0. k8s_exporter keeps five container gauges, reduces each to one
 value per pod and serves them on GET /metrics, labelled
-{cluster, item, job, namespace, pod}, for prometheus2 to scrape.
+{cluster, item, job, namespace, pod}, for prometheus2 to scrape. For an
+operator, GET / shows what is arriving and what was refused, /pods every
+pod's values, and /pod?namespace=NS&pod=P how each of them was made.
 
 Run it:
 
@@ -26,7 +28,7 @@ Environment, read and checked once at start-up:
     K8S_EXPORTER_MAX_CONCURRENT_DECODES     1             write bodies decoded at once
     K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE    (none)        token POST /write requires
     K8S_EXPORTER_WRITE_BASIC_AUTH_FILE      (none)        user:password lines it accepts
-    K8S_EXPORTER_METRICS_BEARER_TOKEN_FILE  (none)        the same for GET /metrics
+    K8S_EXPORTER_METRICS_BEARER_TOKEN_FILE  (none)        the same for GET /metrics and pages
     K8S_EXPORTER_METRICS_BASIC_AUTH_FILE    (none)
     K8S_EXPORTER_LISTEN                     0.0.0.0:9201  address for python3 k8s_exporter.py
 """
