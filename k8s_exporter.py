@@ -1896,9 +1896,9 @@ def query_parameters(environ):
     WSGI gives the raw query as latin-1 text (PEP 3333); undecodable bytes
     become U+FFFD rather than an error.
     """
-    raw = environ.get('QUERY_STRING', '').encode('latin-1', 'replace')
-    return {name.decode('utf-8', 'replace'): values[0].decode('utf-8', 'replace')
-            for name, values in urllib.parse.parse_qs(raw, keep_blank_values=True).items()}
+    raw = environ.get('QUERY_STRING', '').encode('latin-1', 'replace').decode('utf-8', 'replace')
+    return {name: values[0] for name, values in urllib.parse.parse_qs(
+        raw, keep_blank_values=True, errors='replace').items()}
 
 
 def page_link(path, **parameters):

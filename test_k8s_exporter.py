@@ -3765,12 +3765,33 @@ def test_a_page_is_rendered_with_the_store_unlocked(path, monkeypatch):
     assert finished == [204]
 
 
-@pytest.mark.parametrize('path', ['/', '/pods', '/pod'])
-def test_pages_answer_head_and_refuse_post(path):
+@pytest.mark.parametrize('path, status', [('/', 200), ('/pods', 200), ('/pod', 400)])
+def test_pages_answer_head_without_a_body_and_refuse_post(path, status):
     app = fresh_app()
-    status, headers, body = call_wsgi(app, 'HEAD', path)
-    assert status in (200, 400) and body == b''
+    code, headers, body = call_wsgi(app, 'HEAD', path)
+    assert (code, body) == (status, b'') and int(headers['Content-Length']) > 0
     assert call_wsgi(app, 'POST', path)[0] == 405
+
+
+@PROPERTY_SETTINGS
+@given(path=st.sampled_from(['/', '/pods', '/pod']),
+       query=st.text(alphabet=st.characters(max_codepoint=0xFF), max_size=60))
+def test_any_query_string_gets_a_page_or_a_one_line_refusal(path, query):
+    app = fresh_app()
+    post(app, seed_table())
+    status, headers, body = call_wsgi(app, 'GET', f'{path}?{query}')
+    if status == 200:
+        assert headers['Content-Type'] == 'text/html; charset=utf-8'
+    else:
+        assert status in (400, 404) and one_line_reason(status, headers, body)
+
+
+def test_a_query_that_is_not_utf8_filters_by_its_replacement_character():
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns\ufffd', 'p', cgroup=POD_UID_OLD), [(1, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'q', cgroup=POD_UID_OLD), [(1, 1000)])])
+    text = page(app, '/pods?namespace=ns%FF')
+    assert [row[2:4] for row in pod_rows(text)] == [('ns\ufffd', 'p')]
 
 
 ###############################################################################
