@@ -1430,22 +1430,20 @@ class Store:
             return {key: pods[key].values for key in pod_keys if key in pods}
 
     def pod_view(self, pod_key):
-        """(values, {metric name: [(SeriesKey, sample, counted)]}) of one pod,
-        taken in one lock hold so the series explain the values; None if unknown.
-
-        The series are as pod_series gives them.
-        """
+        """One pod's PodView, taken in one lock hold so that its series
+        explain its values; None for an unknown pod."""
         with self._lock:
             pod = self._pods.get(pod_key)
             if pod is None:
                 return None
             held = {}
             for metric, name in enumerate(self.metric_names):
-                counted = {key for key, _ in pod.counted_series(metric)}
+                counted = {key for key, _ in pod.counted_series(metric, self.cumulative[metric])}
                 samples = Slots.samples(pod.series, metric)
                 if samples:
-                    held[name] = [(key, sample, key in counted) for key, sample in samples]
-            return pod.values, held
+                    held[name] = [(key, sample, key in counted, pod.has_ended(key, metric))
+                                  for key, sample in samples]
+            return PodView(pod.values, held, tuple(pod.carried) if pod.carried else None)
 
     def page_status(self, now):
         """What the status page shows: the totals in one lock hold, then
@@ -1546,6 +1544,12 @@ def samples_by_sender(samples):
 
 _pod_of_sample = operator.itemgetter(0)
 _sender_of_pod = operator.itemgetter(slice(2))
+
+
+class PodView(NamedTuple):
+    values: tuple     # the pod's value per metric, None for none
+    series: dict      # metric name -> [(SeriesKey, (timestamp_ms, value, arrival), counted, ended)]
+    carried: tuple    # per metric, what forgotten containers of a counter reached; or None
 
 
 class PageStatus(NamedTuple):
@@ -1880,9 +1884,13 @@ tr.not td{color:#7d8590}.yes{color:#1a7f37;font-weight:600}
 # How each rule reads on /pod; the rule names are aggregation_rule's.
 RULE_TEXT = {
     RULE_POD_CGROUP: 'the pod cgroup series if there is one, else the sum of the containers',
+    RULE_POD_LIMIT: "the pod cgroup series only: the containers' limits do not add up",
     RULE_SUM: 'the sum over the containers and their devices',
     RULE_DEVICE_LIMIT: 'per device, the largest limit its containers report; summed over devices',
+    RULE_SANDBOX: "the pod sandbox's series: every container shares its network namespace",
 }
+COUNTER_TEXT = ('; a counter: every run of a container counts at the last value it reached, '
+                'so that a restart does not make the pod go back')
 
 
 def escape_html(value):
@@ -1970,14 +1978,10 @@ def format_value(value):
     return '-' if value is None else format_go_float(value)
 
 
-def format_sample_value(value):
-    """An input series' value; a stale marker says so rather than NaN."""
-    return 'stale marker' if is_stale_marker(value) else format_go_float(value)
-
-
 def metric_rule(name):
-    """The rule that makes a pod's value of metric name."""
-    return aggregation_rule(name)
+    """(the rule that makes a pod's value of metric name, whether it is a counter)."""
+    spec = metric_spec(name)
+    return spec.rule, spec.type == 'counter'
 
 
 # -- the status page -----------------------------------------------------------
@@ -2146,20 +2150,23 @@ def series_kind(key):
     """What a series' cgroup is in its pod: the pod cgroup, the pause container or a container."""
     if key.pod_cgroup:
         return 'pod cgroup'
-    if key.container in ('', 'POD'):     # containerd's unnamed sandbox, docker's "POD"
-        return 'pause container'
-    return 'container'
+    return 'pause container' if key.sandbox else 'container'
 
 
-def series_verdicts(rule, held):
-    """[(SeriesKey, sample, why not counted: '' for a series that counts)] of one
-    metric of one pod, from Store.pod_series' entries and the metric's rule.
+def series_verdicts(rule, cumulative, held):
+    """[(SeriesKey, sample, counts, why)] of one metric of one pod, from
+    PodView.series and the metric's rule; counted series first.
 
-    Whether a series counts is the store's answer; the why is read from the
-    series' keys as the rule reads them, so that it can be shown.
+    Which series the store counts is its own answer (counted, ended); the
+    rest is read from the series' keys as pod_value reads them, so that the
+    page can say why: pod_value is the one place to change with it.
     """
-    counted = [(key, sample) for key, sample, is_counted in held if is_counted]
-    counted_identities = {key.identity for key, _ in counted}
+    counted = [(key, sample) for key, sample, is_counted, _ in held if is_counted]
+    newest = {}          # identity -> the counted key with the newest sample
+    for key, sample in counted:
+        other = newest.get(key.identity)
+        if other is None or (sample[0], sample[2]) > (other[1][0], other[1][2]):
+            newest[key.identity] = (key, sample)
     pod_cgroup_counts = any(key.pod_cgroup for key, _ in counted)
     device_limit = {}       # device -> the key whose limit counts, as pod_value picks it
     if rule == RULE_DEVICE_LIMIT:
@@ -2169,26 +2176,38 @@ def series_verdicts(rule, held):
                 if known is None or value > known[1] or known[1] != known[1]:
                     device_limit[key.device] = (key, value)
     verdicts = []
-    for key, sample, is_counted in held:
-        if is_stale_marker(sample[1]):
-            why = 'ended by a stale marker'
-        elif not is_counted:
-            if key.identity in counted_identities:
+    for key, sample, is_counted, ended in held:
+        counts = False
+        if not is_counted:
+            if ended:
+                why = 'ended by a stale marker'
+            elif key.identity in newest:
                 why = ('replaced by a newer pod cgroup (the pod was re-created)' if key.pod_cgroup
                        else 'replaced by a newer series of the same container')
             else:
                 why = 'not counted'
-        elif rule == RULE_POD_CGROUP and not key.pod_cgroup and pod_cgroup_counts:
+        elif rule in (RULE_POD_CGROUP, RULE_POD_LIMIT) and not key.pod_cgroup and (
+                pod_cgroup_counts):
             why = 'pod cgroup preferred'
-        elif rule != RULE_POD_CGROUP and key.pod_cgroup:
-            why = 'the filesystem rules count containers only'
+        elif rule == RULE_POD_LIMIT and not key.pod_cgroup:
+            why = "a container's limit is not the pod's"
+        elif rule == RULE_SANDBOX and not key.sandbox:
+            why = "the network is the sandbox's"
+        elif rule in (RULE_SUM, RULE_DEVICE_LIMIT) and key.pod_cgroup:
+            why = 'the sum is over the containers'
         elif rule == RULE_DEVICE_LIMIT and device_limit[key.device][0] != key:
             why = 'its device counts once, at the largest limit reported for it'
         else:
+            counts = True
             why = ''
-        verdicts.append((key, sample, why))
-    verdicts.sort(key=lambda verdict: (bool(verdict[2]), not verdict[0].pod_cgroup,
-                                       verdict[0].container, verdict[0].device, verdict[0].id))
+            if cumulative and ended:
+                why = 'ended; a counter keeps its last value'
+            elif cumulative and newest[key.identity][0] != key:
+                why = 'an earlier run of the container; a counter keeps its last value'
+        verdicts.append((key, sample, counts, why))
+    verdicts.sort(key=lambda verdict: (not verdict[2], not verdict[0].pod_cgroup,
+                                       verdict[0].container, verdict[0].device,
+                                       verdict[0].part, verdict[0].id))
     return verdicts
 
 
@@ -2196,29 +2215,36 @@ def render_pod_page(metric_names, namespace, pod, views, now):
     """/pod: per (cluster, job) holding the pod, per metric its value, its
     rule and every input series held, each counted or not and why."""
     parts = []
-    for key, (values, held) in views:
+    for key, view in views:
         parts.append(f'<h2>cluster {escape_html(key.cluster)}, job {escape_html(key.job)}</h2>\n')
         for metric, name in enumerate(metric_names):
-            series = held.get(name)
-            if series is None and values[metric] is None:
+            series = view.series.get(name)
+            value = view.values[metric]
+            if series is None and value is None:
                 continue
-            rule = metric_rule(name)
-            parts.append(f'<h3>{escape_html(name)} = {escape_html(format_value(values[metric]))}'
-                         f'</h3>\n<p class="muted">rule: {escape_html(RULE_TEXT.get(rule, rule))}'
-                         f'</p>\n')
+            rule, cumulative = metric_rule(name)
+            carried = view.carried[metric] if view.carried else 0.0
+            parts.append(
+                f'<h3>{escape_html(name)} = {escape_html(format_value(value))}</h3>\n'
+                f'<p class="muted">rule: {escape_html(RULE_TEXT.get(rule, rule))}'
+                f'{escape_html(COUNTER_TEXT) if cumulative else ""}'
+                + (f'; {escape_html(format_go_float(carried))} carried from containers '
+                   'forgotten after the TTL' if carried else '') + '</p>\n')
             rows = []
-            for series_key, (timestamp_ms, value, _), why in series_verdicts(rule, series or []):
+            for series_key, (timestamp_ms, sample_value, _), counts, why in series_verdicts(
+                    rule, cumulative, series or []):
+                verdict = (cell(f'counted: {why}' if why else 'counted', css='yes why')
+                           if counts else cell(f'no: {why}', css='why'))
                 rows.append(
-                    f'<tr class="{"not" if why else "counted"}">{cell(series_kind(series_key))}'
+                    f'<tr class="{"counted" if counts else "not"}">{cell(series_kind(series_key))}'
                     f'{cell(series_key.container)}{cell(series_key.id, css="mono")}'
-                    f'{cell(series_key.image, css="mono")}{cell(series_key.device)}'
-                    f'{cell(format_sample_value(value), numeric=True)}'
+                    f'{cell(series_key.image, css="mono")}'
+                    f'{cell(" ".join(filter(None, (series_key.device, series_key.part))))}'
+                    f'{cell(format_go_float(sample_value), numeric=True)}'
                     f'{cell(format_unix_time(timestamp_ms / 1000))}'
-                    f'{cell(format_age(now - timestamp_ms / 1000))}'
-                    + (cell(f'no: {why}', css='why') if why else '<td class="yes">counted</td>')
-                    + '</tr>\n')
-            parts.append(html_table(('kind', 'container', 'id', 'image', 'device', 'value',
-                                     'sample time', 'age', 'counted'), rows))
+                    f'{cell(format_age(now - timestamp_ms / 1000))}{verdict}</tr>\n')
+            parts.append(html_table(('kind', 'container', 'id', 'image', 'device or part',
+                                     'value', 'sample time', 'age', 'counted'), rows))
     return html_page(f'Pod {namespace}/{pod}', ''.join(parts))
 
 

@@ -3621,8 +3621,7 @@ def test_pod_page_shows_per_metric_the_value_the_rule_and_why_each_series_counts
             ('container', 'app', f'{pod_cgroup}/c2', '/dev/a', '20', 'counted'),
             ('container', 'app', f'{pod_cgroup}/c1', '/dev/a', '300',
              'no: replaced by a newer series of the same container'),
-            ('container', 'log', f'{pod_cgroup}/l1', '/dev/a', 'stale marker',
-             'no: ended by a stale marker'),
+            ('container', 'log', f'{pod_cgroup}/l1', '/dev/a', '40', 'no: ended by a stale marker'),
         ],
         f'{MEMORY} = 7000': [
             ('pod cgroup', '', pod_cgroup, '', '7000', 'counted'),
@@ -3658,6 +3657,33 @@ def test_pod_page_counts_each_fs_device_once_at_its_largest_limit():
         ('container', 'app', f'{POD_UID_OLD}/c1', '/dev/b', '7', 'counted'),
         ('container', 'log', f'{POD_UID_OLD}/l1', '/dev/a', '90',
          'no: its device counts once, at the largest limit reported for it')]}
+
+
+def test_pod_page_explains_a_counter_across_a_restart_the_sandbox_network_and_the_pod_limit():
+    cpu, network = 'container_cpu_usage_seconds_total', 'container_network_receive_bytes_total'
+    limit = 'container_spec_memory_limit_bytes'
+    app = fresh_app(metrics=(cpu, network, limit))
+    c1, c2, pause = f'{POD_UID_OLD}/c1', f'{POD_UID_OLD}/c2', f'{POD_UID_OLD}/pause'
+    post(app, [(cadvisor(cpu, 'ns', 'p', 'app', c1, cpu='total'), [(10, 1000)]),
+               (cadvisor(network, 'ns', 'p', 'POD', pause, interface='eth0'), [(500, 1000)]),
+               (cadvisor(network, 'ns', 'p', 'app', c1, interface='eth0'), [(500, 1000)]),
+               (cadvisor(limit, 'ns', 'p', cgroup=POD_UID_OLD), [(2**30, 1000)]),
+               (cadvisor(limit, 'ns', 'p', 'app', c1), [(2**29, 1000)])])
+    post(app, [(cadvisor(cpu, 'ns', 'p', 'app', c2, cpu='total'), [(3, 2000)])])
+    text = page(app, '/pod?namespace=ns&pod=p')
+    assert explained(text) == {
+        f'{cpu} = 13': [
+            ('container', 'app', c1, 'total', '10',
+             'counted: an earlier run of the container; a counter keeps its last value'),
+            ('container', 'app', c2, 'total', '3', 'counted')],
+        f'{network} = 500': [
+            ('pause container', 'POD', pause, 'eth0', '500', 'counted'),
+            ('container', 'app', c1, 'eth0', '500', "no: the network is the sandbox's")],
+        f'{limit} = 1.073741824e+09': [
+            ('pod cgroup', '', POD_UID_OLD, '', '1.073741824e+09', 'counted'),
+            ('container', 'app', c1, '', '5.36870912e+08', 'no: pod cgroup preferred')],
+    }
+    assert k8s_exporter.COUNTER_TEXT in html.unescape(text)
 
 
 def test_pod_page_shows_a_re_created_pod_and_every_job_holding_it():
