@@ -17,7 +17,8 @@ IMAGE_BUILD_ARGS ?=
 # `make shards`: how many exporters share the pods.
 SHARDS ?= 3
 
-.PHONY: help run test bench bench-quick mutants demo soak proto lint clean image shards prometheus podman base-image
+.PHONY: help run test bench bench-quick mutants demo soak screenshots proto lint clean image shards \
+  prometheus podman base-image chromium
 
 help: ## list the targets and the variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -31,7 +32,7 @@ help: ## list the targets and the variables
 run: $(VENV)/.runtime ## serve on $(LISTEN) as in production
 	$(BIN)/gunicorn -b $(LISTEN) $(GUNICORN_ARGS) k8s_exporter:app
 
-test: $(VENV)/.dev $(VENV)/.npm prometheus podman base-image ## run every test, end to end with a real Prometheus
+test: $(VENV)/.dev $(VENV)/.npm prometheus podman base-image chromium ## run every test, end to end with a real Prometheus
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) test_k8s_exporter.py
 
 bench: $(VENV)/.dev prometheus ## compare ingest, scrape and memory with Prometheus itself (~5 min)
@@ -48,6 +49,9 @@ demo: $(VENV)/.runtime prometheus ## cAdvisor fixture -> prometheus1 -> exporter
 
 soak: $(VENV)/.dev ## writers and scrapers against gunicorn for about 60 s
 	TEST_K8S_EXPORTER_SOAK_SECONDS=60 $(BIN)/python -m pytest -q -k soak test_k8s_exporter.py
+
+screenshots: $(VENV)/.runtime chromium ## render /, /pods and /pod of a demo store to docs/*.png
+	$(BIN)/python screenshots_k8s_exporter.py docs
 
 proto: $(VENV)/.dev ## regenerate remote_pb2.py from remote.proto
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. remote.proto
@@ -122,3 +126,13 @@ base-image: podman
 	  root=$$(mktemp -d) && trap 'rm -rf "$$root"' EXIT && \
 	  debootstrap --variant=minbase bookworm "$$root" >/dev/null && \
 	  tar -C "$$root" -c . | podman import -q - $(BASE_IMAGE) >/dev/null; fi
+
+# Debian's chromium, headless, for the tests that load the pages in a real
+# browser and for `make screenshots`; installed the same way.
+chromium:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium package"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else echo "chromium not installed and not root: browser tests will be skipped"; fi

@@ -19,11 +19,15 @@ over the same series (steady state), per size:
   3. memory: the worker's RSS after loading, and bytes per stored input series;
   4. /metrics latency while writes run at full speed;
   5. churn: pods replaced every pass, short TTL and stale markers; input
-     series and RSS must stay flat.
+     series and RSS must stay flat;
+  6. pages: /pods rendered (first page, and filtered by namespace), and the
+     latency of each write under full write load with and without a client
+     viewing /pods back to back.
 """
 
 import argparse
 import array
+import functools
 import http.client
 import math
 import os
@@ -388,10 +392,11 @@ def self_metric(exporter, name):
 # Measurements ################################################################
 ###############################################################################
 
-def send_pass(port, bodies, headers, senders=SENDERS):
+def send_pass(port, bodies, headers, senders=SENDERS, latencies=None):
     """POST every body over keep-alive connections from concurrent senders.
 
-    Returns (wall seconds, client CPU seconds, failed requests, first error).
+    Returns (wall seconds, client CPU seconds, failed requests, first error);
+    appends each request's seconds to latencies when given.
     """
     next_index = iter(range(len(bodies)))
     lock = threading.Lock()
@@ -405,9 +410,12 @@ def send_pass(port, bodies, headers, senders=SENDERS):
                     index = next(next_index, None)
                 if index is None:
                     return
+                started = time.perf_counter()
                 connection.request('POST', '/api/v1/write', body=bodies[index], headers=headers)
                 response = connection.getresponse()
                 reply = response.read()
+                if latencies is not None:
+                    latencies.append(time.perf_counter() - started)
                 if response.status >= 300:
                     failures.append(f'{response.status} {reply[:200]!r}')
         except (OSError, http.client.HTTPException) as error:
@@ -484,9 +492,10 @@ def wait_until_quiet(pids):
     return False
 
 
-def measure_ingest(server, bodies, headers, samples):
+def measure_ingest(server, bodies, headers, samples, latencies=None):
     cpu_before = cpu_seconds(server.pid)
-    wall, client_cpu, failed, first = send_pass(server.port, bodies, headers)
+    wall, client_cpu, failed, first = send_pass(server.port, bodies, headers,
+                                                latencies=latencies)
     cpu = cpu_seconds(server.pid) - cpu_before
     if failed:
         print(f'  {server.name}: {failed} requests failed, first: {first}', file=sys.stderr)
@@ -523,6 +532,7 @@ def scrape_latencies(port, path, gzip_encoding, count, budget_seconds=math.inf):
             'bytes': size, 'count': len(seconds)}
 
 
+PODS_FILTERED_PATH = '/pods?namespace=payments'   # a tenth of the model's pods
 FEDERATE_PATH = '/federate?' + '&'.join(f'match%5B%5D={name}' for name in EXPORTED)
 
 
@@ -661,6 +671,23 @@ def bench_size(pods, clock, results, scrape_count):
         row['exporter_loaded'], row['exporter_scrapes_loaded'] = scrapes_during(
             exporter.port, '/metrics',
             lambda: measure_ingest(exporter, bodies, RW1_HEADERS, samples))
+        print('   pages', file=sys.stderr)
+        wait_until_quiet([exporter.pid, prometheus.pid])
+        for kind, path in (('pods_page', '/pods'), ('pods_filtered', PODS_FILTERED_PATH)):
+            row[kind] = scrape_latencies(exporter.port, path, False, scrape_count)
+        # Each write's latency at full write load, alone and while one client
+        # views /pods back to back: a page view must not hold writes up.
+        for kind, viewed in (('writes_alone', False), ('writes_viewed', True)):
+            latencies = []
+            bodies = stamp_bodies(rw1, next(pass_numbers), clock.next())
+            measure = functools.partial(measure_ingest, exporter, bodies, RW1_HEADERS, samples,
+                                        latencies)
+            if viewed:
+                row[f'{kind}_views'] = scrapes_during(exporter.port, '/pods', measure)[1]
+            else:
+                measure()
+                row[f'{kind}_views'] = []
+            row[kind] = latencies
     finally:
         for server in (exporter, prometheus):
             if server is not None:
@@ -807,6 +834,18 @@ def print_report(results, churn):
                          '', ''))
         rows.append(('  ingest RW1 while scraped, samples/s wall', _rate(loaded['per_wall']),
                      '', ''))
+        for kind, label in (('pods_page', '/pods, first 500 rows'),
+                            ('pods_filtered', f'{PODS_FILTERED_PATH}, first 500 rows')):
+            page = row[kind]
+            rows.append((f'  {label}, median/p99 of {page["count"]}',
+                         f'{_ms(page["median"])}/{_ms(page["p99"])}', '', ''))
+        for kind, label in (('writes_alone', 'write latency at full RW1 load'),
+                            ('writes_viewed', 'the same while /pods is viewed back to back')):
+            latencies = row[kind]
+            views = f', {len(row[kind + "_views"])} views' if row[kind + '_views'] else ''
+            rows.append((f'  {label}, median/p99 of {len(latencies)}{views}',
+                         f'{_ms(statistics.median(latencies))}/'
+                         f'{_ms(percentile(latencies, 0.99))}', '', ''))
         client = max(row[key]['client_cpu'] / row[key]['wall']
                      for key in ('exporter_rw1', 'exporter_rw2', 'prometheus_rw1'))
         rows.append(('  client CPU per wall second while sending (max)', f'{client:.2f}', '', ''))

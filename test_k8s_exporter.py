@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import gzip
+import html
 import http.client
 import importlib.util
 import io
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 import zlib
 from decimal import Decimal
@@ -88,6 +90,7 @@ from k8s_exporter import (
     pod_value,
     read_process_stat,
 )
+from screenshots_k8s_exporter import CHROMIUM_BINARY, run_chromium
 
 HERE = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
@@ -301,8 +304,9 @@ def call_wsgi(application, method, path, body=b'', headers=None, content_length=
 
     status is the code, or with status_line the whole line ('404 Not Found').
     """
+    path, _, query = path.partition('?')
     environ = {
-        'REQUEST_METHOD': method, 'PATH_INFO': path, 'QUERY_STRING': '', 'SCRIPT_NAME': '',
+        'REQUEST_METHOD': method, 'PATH_INFO': path, 'QUERY_STRING': query, 'SCRIPT_NAME': '',
         'SERVER_NAME': 'localhost', 'SERVER_PORT': '9201', 'SERVER_PROTOCOL': 'HTTP/1.1',
         'wsgi.version': (1, 0), 'wsgi.url_scheme': 'http', 'wsgi.input': io.BytesIO(body),
         'wsgi.errors': io.StringIO(), 'wsgi.multithread': True, 'wsgi.multiprocess': False,
@@ -3414,6 +3418,409 @@ def test_basic_auth_file_lines_must_be_user_colon_password(tmp_path):
 
 
 ###############################################################################
+# Pages: the status page, /pods, and how one pod's value was made #############
+###############################################################################
+
+# Label values that break a page written without escaping: a script that
+# would retitle the page, and quotes and an ampersand that would end an
+# attribute early.
+INJECTED_POD = '<script>document.title="INJECTED"</script>'
+INJECTED_NAMESPACE = 'ns" onclick="x&y\''
+
+
+def page(app, path, status=200, **headers):
+    """The text of an HTML page of the app, checked to be one."""
+    code, response_headers, body = call_wsgi(app, 'GET', path, headers=headers)
+    assert code == status, (code, body[:300])
+    assert response_headers['Content-Type'] == 'text/html; charset=utf-8'
+    assert response_headers['Content-Security-Policy'] == (
+        "default-src 'none'; style-src 'unsafe-inline'")
+    text = body.decode()
+    assert f'<span class="version">k8s_exporter {k8s_exporter.__version__}</span>' in text
+    return text
+
+
+def table_rows(text):
+    """The cells' text of every table row with cells, as a reader sees it."""
+    return [[html.unescape(re.sub(r'<[^>]*>', '', cell_html)) for cell_html in re.findall(
+                r'<td[^>]*>(.*?)</td>', row)]
+            for row in re.findall(r'<tr[^>]*>(.*?)</tr>', text) if '<td' in row]
+
+
+def pod_rows(text):
+    """(cluster, job, namespace, pod) of each row of a /pods page."""
+    return [tuple(cells[:4]) for cells in table_rows(text)]
+
+
+def test_status_page_shows_version_store_and_the_configuration_in_force():
+    app = fresh_app(max_series=100, cluster='east')
+    post(app, seed_table())
+    text = page(app, '/')
+    assert '<title>Status - k8s_exporter</title>' in text
+    rows = table_rows(text)
+    assert ['pods', '5'] in rows and ['input series', '25'] in rows
+    assert ['series limit (K8S_EXPORTER_MAX_SERIES)', '25 of 100 held (25.0%)'] in rows
+    assert ['K8S_EXPORTER_CLUSTER', 'east'] in rows
+    assert ['write authentication', 'off'] in rows
+    assert any(row[0] == 'resident memory' and row[1].endswith(' MiB') for row in rows)
+    assert '<a href="metrics">/metrics</a>' in text and '<a href="pods">' in text
+    assert '<a href="-/healthy">/-/healthy</a>' in text
+
+
+def test_status_page_says_whether_authentication_is_on_never_the_secret(secured_app):
+    text = page(secured_app, '/', Authorization='Bearer s3cret-read')
+    rows = table_rows(text)
+    assert ['write authentication', 'on'] in rows
+    assert ['/metrics and pages authentication', 'on'] in rows
+    assert 's3cret' not in text and 'pw1' not in text
+
+
+def test_status_page_has_a_row_per_sender_with_pods_series_rate_and_last_write():
+    app = fresh_app()
+    post(app, seed_table(job='a'))                       # 25 kept samples of 5 pods
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD, job='b', cluster='west'),
+                [(1.0, 1000), (2.0, 2000), (3.0, 3000)])])
+    rows = [row for row in table_rows(page(app, '/')) if len(row) == 6]
+    # Exported samples per second: those of the last minute over 60 s.
+    assert [row[:5] for row in rows] == [['k8s-cluster', 'a', '5', '25', '0.4'],
+                                         ['west', 'b', '1', '1', '0.1']]
+    assert all(re.fullmatch(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(\d+ s ago\)', row[5])
+               for row in rows), rows
+
+
+def test_status_page_counts_what_no_sender_row_can_hold_in_total():
+    app = fresh_app()
+    post(app, seed_table())
+    text = page(app, '/')
+    assert ('All senders: 27 samples received of every metric; not kept: future_timestamp 0, '
+            'invalid_series 0, no_pod 1, out_of_order 0, series_limit 0, '
+            'unexported_metric 1;') in text
+
+
+def test_status_page_lists_the_last_20_refused_writes_newest_first():
+    app = fresh_app()
+    for number in range(22):
+        assert call_wsgi(app, 'POST', '/write', b'x',
+                         {'Content-Type': f'text/x-{number}'})[0] == 415
+    assert post(app, [({'__name__': MEMORY, 'pod': 'p'}, [(1, 1)])])[0] == 204
+    rows = [row for row in table_rows(page(app, '/')) if len(row) == 4]
+    assert len(rows) == 20
+    assert [row[2:] for row in rows[:2]] == [
+        ['', "unsupported Content-Type 'text/x-21'; expected application/x-protobuf"],
+        ['', "unsupported Content-Type 'text/x-20'; expected application/x-protobuf"]]
+    assert rows[-1][3].startswith("unsupported Content-Type 'text/x-2'")
+    assert {row[1] for row in rows} == {'415'}
+
+
+def test_status_page_lists_a_401_and_a_400_with_its_reason(secured_app):
+    call_wsgi(secured_app, 'POST', '/write', rw1_body(seed_table()))
+    post(secured_app, [({'job': 'j'}, [(1, 1)])], Authorization='Bearer s3cret-write')
+    rows = [row for row in table_rows(page(secured_app, '/', Authorization='Bearer s3cret-read'))
+            if len(row) == 4]
+    assert [row[1:] for row in rows] == [
+        ['400', '', '1 invalid series skipped, first: series with no __name__ label; '
+                    'the rest was applied'],
+        ['401', '', 'missing or wrong credentials']]
+
+
+def test_pods_page_lists_every_pod_in_output_order_with_its_values():
+    app = fresh_app()
+    post(app, seed_table(job='b'))
+    post(app, seed_table(job='a')[:3])
+    text = page(app, '/pods')
+    assert pod_rows(text) == [('k8s-cluster', 'a', 'default', SEED_PODS[0][1])] + [
+        ('k8s-cluster', 'b', namespace, pod) for namespace, pod, *_ in SEED_PODS]
+    assert table_rows(text)[-1][4:] == ['0', '4.2090070016e+10', '1.28868352e+08',
+                                        '5.771784192e+09', '266240']
+    assert table_rows(text)[0][4:] == ['0', '-', '-', '4.38272e+06', '229376']
+    assert ('<a href="pod?namespace=monitoring&amp;pod=prometheus-69757bb88f-w98vk">'
+            'prometheus-69757bb88f-w98vk</a>') in text
+    assert '<p>6 pods held, 6 match; 1 to 6 shown.</p>' in text
+
+
+@pytest.mark.parametrize('query, pods', [
+    ('namespace=monitor', ['prometheus-69757bb88f-w98vk']),
+    ('pod=nginx', ['nginx-deployment-585449566-lnknq', 'nginx-deployment-585449566-m8mws',
+                   'nginx-deployment-585449566-n7ltf']),
+    ('namespace=default&pod=task', ['task-pv-pod']),
+    ('namespace=default&pod=prometheus', []),
+    ('namespace=&pod=', [pod for _, pod, *_ in SEED_PODS]),
+], ids=['namespace', 'pod', 'both', 'no-match', 'empty'])
+def test_pods_page_filters_by_namespace_and_pod_substring(query, pods):
+    app = fresh_app()
+    post(app, seed_table())
+    assert [row[3] for row in pod_rows(page(app, '/pods?' + query))] == pods
+
+
+def many_pods_table(count, namespace='ns'):
+    return [(cadvisor(MEMORY, namespace, f'pod-{number:05d}', cgroup=POD_UID_OLD), [(number, 1)])
+            for number in range(count)]
+
+
+def test_pods_page_shows_500_rows_a_page_with_links_to_the_others():
+    app = fresh_app()
+    post(app, many_pods_table(1201))
+    first = page(app, '/pods')
+    assert [row[3] for row in pod_rows(first)] == [f'pod-{n:05d}' for n in range(500)]
+    assert ('<p>page 1 of 3: <span class="muted">first</span> <span class="muted">previous'
+            '</span> <a href="pods?page=2">next</a> <a href="pods?page=3">last</a></p>') in first
+    second = page(app, '/pods?page=2')
+    assert [row[3] for row in pod_rows(second)] == [f'pod-{n:05d}' for n in range(500, 1000)]
+    assert '<a href="pods">first</a> <a href="pods">previous</a>' in second
+    assert [row[3] for row in pod_rows(page(app, '/pods?page=3'))] == [
+        f'pod-{n:05d}' for n in range(1000, 1201)]
+    # Past the end: the last page.
+    assert '<p>page 3 of 3:' in page(app, '/pods?page=9')
+
+
+def test_pods_page_links_keep_the_filter():
+    app = fresh_app()
+    post(app, many_pods_table(600, namespace='a b&c'))
+    text = page(app, '/pods?namespace=a%20b%26c&pod=pod-')
+    assert '<a href="pods?namespace=a%20b%26c&amp;pod=pod-&amp;page=2">next</a>' in text
+    assert '<input name="namespace" value="a b&amp;c">' in text
+
+
+@pytest.mark.parametrize('number', ['0', '-1', 'two', '1.5', ''])
+def test_pods_page_number_must_be_a_positive_integer(number):
+    status, headers, body = call_wsgi(fresh_app(), 'GET', f'/pods?page={number}')
+    assert one_line_reason(status, headers, body) == (
+        f'page must be a positive integer, not {number!r}')
+    assert headers['X-Content-Type-Options'] == 'nosniff'
+
+
+def explained(text):
+    """{h3 heading: [(kind, container, id, device, value, counted)]} of a /pod page."""
+    sections = {}
+    for heading, table in re.findall(r'<h3>(.*?)</h3>.*?<table>(.*?)</table>', text, re.S):
+        sections[heading] = [(kind, container, cgroup, device, value, counted)
+                             for kind, container, cgroup, _, device, value, _, _, counted
+                             in table_rows(table)]
+    return sections
+
+
+def test_pod_page_shows_per_metric_the_value_the_rule_and_why_each_series_counts_or_not():
+    app = fresh_app()
+    pod_cgroup = POD_UID_OLD
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=pod_cgroup), [(7000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', 'app', f'{pod_cgroup}/c1'), [(5000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', '', f'{pod_cgroup}/pause'), [(500, 1000)]),
+               (cadvisor(FS_USAGE, 'ns', 'p', 'app', f'{pod_cgroup}/c1', device='/dev/a'),
+                [(300, 1000)]),
+               (cadvisor(FS_USAGE, 'ns', 'p', 'log', f'{pod_cgroup}/l1', device='/dev/a'),
+                [(40, 1000)])])
+    # app restarts as c2; log ends at its stale marker.
+    post(app, [(cadvisor(FS_USAGE, 'ns', 'p', 'app', f'{pod_cgroup}/c2', device='/dev/a'),
+                [(20, 2000)]),
+               (cadvisor(FS_USAGE, 'ns', 'p', 'log', f'{pod_cgroup}/l1', device='/dev/a'),
+                [(STALE_NAN, 2000)])])
+    text = page(app, '/pod?namespace=ns&pod=p')
+    assert '<title>Pod ns/p - k8s_exporter</title>' in text
+    assert '<h2>cluster k8s-cluster, job kubernetes-cadvisor</h2>' in text
+    assert explained(text) == {
+        f'{FS_USAGE} = 20': [
+            ('container', 'app', f'{pod_cgroup}/c2', '/dev/a', '20', 'counted'),
+            ('container', 'app', f'{pod_cgroup}/c1', '/dev/a', '300',
+             'no: replaced by a newer series of the same container'),
+            ('container', 'log', f'{pod_cgroup}/l1', '/dev/a', '40', 'no: ended by a stale marker'),
+        ],
+        f'{MEMORY} = 7000': [
+            ('pod cgroup', '', pod_cgroup, '', '7000', 'counted'),
+            ('pause container', '', f'{pod_cgroup}/pause', '', '500', 'no: pod cgroup preferred'),
+            ('container', 'app', f'{pod_cgroup}/c1', '', '5000', 'no: pod cgroup preferred'),
+        ],
+    }
+    assert ('<p class="muted">rule: the pod cgroup series if there is one, else the sum of the '
+            'containers</p>') in text
+    assert '<td>1970-01-01 00:00:02Z</td>' in text
+
+
+def test_pod_page_without_a_pod_cgroup_counts_the_sum_pause_included():
+    app = fresh_app(metrics=(MEMORY,))
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1'), [(5000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', 'POD', f'{POD_UID_OLD}/pause'), [(500, 1000)])])
+    assert explained(page(app, '/pod?namespace=ns&pod=p')) == {f'{MEMORY} = 5500': [
+        ('pause container', 'POD', f'{POD_UID_OLD}/pause', '', '500', 'counted'),
+        ('container', 'app', f'{POD_UID_OLD}/c1', '', '5000', 'counted')]}
+
+
+def test_pod_page_counts_each_fs_device_once_at_its_largest_limit():
+    limit = 'container_fs_limit_bytes'
+    app = fresh_app(metrics=(limit,))
+    post(app, [(cadvisor(limit, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', device='/dev/a'),
+                [(100, 1000)]),
+               (cadvisor(limit, 'ns', 'p', 'log', f'{POD_UID_OLD}/l1', device='/dev/a'),
+                [(90, 1000)]),
+               (cadvisor(limit, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', device='/dev/b'),
+                [(7, 1000)])])
+    assert explained(page(app, '/pod?namespace=ns&pod=p')) == {f'{limit} = 107': [
+        ('container', 'app', f'{POD_UID_OLD}/c1', '/dev/a', '100', 'counted'),
+        ('container', 'app', f'{POD_UID_OLD}/c1', '/dev/b', '7', 'counted'),
+        ('container', 'log', f'{POD_UID_OLD}/l1', '/dev/a', '90',
+         'no: its device counts once, at the largest limit reported for it')]}
+
+
+def test_pod_page_explains_a_counter_across_a_restart_the_sandbox_network_and_the_pod_limit():
+    cpu, network = 'container_cpu_usage_seconds_total', 'container_network_receive_bytes_total'
+    limit = 'container_spec_memory_limit_bytes'
+    app = fresh_app(metrics=(cpu, network, limit))
+    c1, c2, pause = f'{POD_UID_OLD}/c1', f'{POD_UID_OLD}/c2', f'{POD_UID_OLD}/pause'
+    post(app, [(cadvisor(cpu, 'ns', 'p', 'app', c1, cpu='total'), [(10, 1000)]),
+               (cadvisor(network, 'ns', 'p', 'POD', pause, interface='eth0'), [(500, 1000)]),
+               (cadvisor(network, 'ns', 'p', 'app', c1, interface='eth0'), [(500, 1000)]),
+               (cadvisor(limit, 'ns', 'p', cgroup=POD_UID_OLD), [(2**30, 1000)]),
+               (cadvisor(limit, 'ns', 'p', 'app', c1), [(2**29, 1000)])])
+    post(app, [(cadvisor(cpu, 'ns', 'p', 'app', c2, cpu='total'), [(3, 2000)])])
+    text = page(app, '/pod?namespace=ns&pod=p')
+    assert explained(text) == {
+        f'{cpu} = 13': [
+            ('container', 'app', c1, 'total', '10',
+             'counted: an earlier run of the container; a counter keeps its last value'),
+            ('container', 'app', c2, 'total', '3', 'counted')],
+        f'{network} = 500': [
+            ('pause container', 'POD', pause, 'eth0', '500', 'counted'),
+            ('container', 'app', c1, 'eth0', '500', "no: the network is the sandbox's")],
+        f'{limit} = 1.073741824e+09': [
+            ('pod cgroup', '', POD_UID_OLD, '', '1.073741824e+09', 'counted'),
+            ('container', 'app', c1, '', '5.36870912e+08', 'no: pod cgroup preferred')],
+    }
+    assert k8s_exporter.COUNTER_TEXT in html.unescape(text)
+
+
+def test_pod_page_shows_a_re_created_pod_and_every_job_holding_it():
+    app = fresh_app(metrics=(MEMORY,))
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 2000)]),
+               (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW, job='other'), [(9, 2000)]),
+               (cadvisor(MEMORY, 'ns', 'q', cgroup=POD_UID_NEW), [(1, 2000)])])
+    text = page(app, '/pod?namespace=ns&pod=p')
+    assert re.findall(r'<h2>(.*?)</h2>', text) == ['cluster k8s-cluster, job kubernetes-cadvisor',
+                                                   'cluster k8s-cluster, job other']
+    assert list(explained(text)) == [f'{MEMORY} = 1200', f'{MEMORY} = 9']
+    assert explained(text)[f'{MEMORY} = 1200'][1] == (
+        'pod cgroup', '', POD_UID_OLD, '', '7000',
+        'no: replaced by a newer pod cgroup (the pod was re-created)')
+
+
+@pytest.mark.parametrize('query, status, reason', [
+    ('namespace=ns&pod=nope', 404, "no pod ns/nope is held; see /pods"),
+    ('namespace=n&pod=p', 404, "no pod n/p is held; see /pods"),
+    ('namespace=ns', 400, 'namespace and pod are both required, as in /pod?namespace=NS&pod=P'),
+    ('', 400, 'namespace and pod are both required, as in /pod?namespace=NS&pod=P'),
+], ids=['unknown-pod', 'namespace-is-exact', 'no-pod', 'nothing'])
+def test_pod_page_of_an_unknown_pod_is_404_and_without_a_name_400(query, status, reason):
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)])])
+    code, headers, body = call_wsgi(app, 'GET', '/pod?' + query)
+    assert (code, one_line_reason(code, headers, body)) == (status, reason)
+
+
+def test_pod_page_shows_any_timestamp_a_sender_can_write():
+    app = fresh_app(metrics=(MEMORY,))
+    # Samples far ahead of the clock are refused; any time before it is kept.
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(1, -2**63)]),
+               (cadvisor(MEMORY, 'ns', 'p', 'b', f'{POD_UID_OLD}/b'), [(3, -5000)])])
+    rows = table_rows(page(app, '/pod?namespace=ns&pod=p'))
+    assert [row[6] for row in rows] == ['-292275055-05-16 16:47:04Z', '1969-12-31 23:59:55Z']
+
+
+def test_every_page_escapes_script_and_quotes_in_label_values_and_the_query():
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, INJECTED_NAMESPACE, INJECTED_POD, '<b>c</b>',
+                         '/kubepods/pod1"/x', image='img"><script>x()</script>'), [(1, 1000)])])
+    escaped_pod = '&lt;script&gt;document.title=&quot;INJECTED&quot;&lt;/script&gt;'
+    escaped_namespace = 'ns&quot; onclick=&quot;x&amp;y&#x27;'
+    pods = page(app, '/pods')
+    assert pod_rows(pods) == [('k8s-cluster', 'kubernetes-cadvisor', INJECTED_NAMESPACE,
+                               INJECTED_POD)]
+    query = urllib.parse.urlencode({'namespace': INJECTED_NAMESPACE, 'pod': INJECTED_POD},
+                                   quote_via=urllib.parse.quote)
+    assert f'<a href="pod?{query.replace("&", "&amp;")}">{escaped_pod}</a>' in pods
+    one = page(app, '/pod?' + query)
+    assert f'<title>Pod {escaped_namespace}/{escaped_pod} - k8s_exporter</title>' in one
+    assert '<td>&lt;b&gt;c&lt;/b&gt;</td>' in one
+    assert 'img&quot;&gt;&lt;script&gt;x()&lt;/script&gt;' in one
+    # The filter is shown back in its inputs.
+    filtered = page(app, '/pods?' + query)
+    assert f'<input name="namespace" value="{escaped_namespace}">' in filtered
+    assert f'<input name="pod" value="{escaped_pod}">' in filtered
+    for text in (pods, one, filtered, page(app, '/')):
+        assert '<script' not in text and 'INJECTED"' not in text and '<b>' not in text
+
+
+def test_a_refusal_reason_on_the_status_page_is_escaped():
+    app = fresh_app()
+    call_wsgi(app, 'POST', '/write', b'x', {'Content-Type': '<script>x()</script>'})
+    text = page(app, '/')
+    assert ("unsupported Content-Type &#x27;&lt;script&gt;x()&lt;/script&gt;&#x27;; "
+            "expected application/x-protobuf") in text
+    assert '<script' not in text
+
+
+@pytest.mark.parametrize('path', ['/', '/pods', '/pod?namespace=default&pod=task-pv-pod'])
+def test_pages_sit_behind_the_metrics_credentials(secured_app, path):
+    post(secured_app, seed_table(), Authorization='Bearer s3cret-write')
+    for authorization in (None, 'Bearer s3cret-write', 'Bearer wrong'):
+        headers = {'Authorization': authorization} if authorization else {}
+        assert call_wsgi(secured_app, 'GET', path, headers=headers)[:3:2] == (
+            401, b'missing or wrong credentials\n')
+    page(secured_app, path, Authorization='Bearer s3cret-read')
+
+
+@pytest.mark.parametrize('path', ['/', '/pods', '/pod?namespace=ns&pod=p'])
+def test_a_page_is_rendered_with_the_store_unlocked(path, monkeypatch):
+    # A write started from inside the rendering must finish: the store's
+    # lock is not reentrant, so it would wait for ever if the page held it.
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(1, 1000)])])
+    finished = []
+
+    def write_while_rendering(render):
+        def rendering(*args, **kwargs):
+            writer = threading.Thread(target=lambda: finished.append(
+                post(app, [(cadvisor(MEMORY, 'ns', 'w', cgroup=POD_UID_NEW), [(2, 1000)])])[0]))
+            writer.start()
+            writer.join(timeout=10)
+            return render(*args, **kwargs)
+        return rendering
+
+    for name in ('render_status_page', 'render_pods_page', 'render_pod_page'):
+        monkeypatch.setattr(k8s_exporter, name,
+                            write_while_rendering(getattr(k8s_exporter, name)))
+    page(app, path)
+    assert finished == [204]
+
+
+@pytest.mark.parametrize('path, status', [('/', 200), ('/pods', 200), ('/pod', 400)])
+def test_pages_answer_head_without_a_body_and_refuse_post(path, status):
+    app = fresh_app()
+    code, headers, body = call_wsgi(app, 'HEAD', path)
+    assert (code, body) == (status, b'') and int(headers['Content-Length']) > 0
+    assert call_wsgi(app, 'POST', path)[0] == 405
+
+
+@PROPERTY_SETTINGS
+@given(path=st.sampled_from(['/', '/pods', '/pod']),
+       query=st.text(alphabet=st.characters(max_codepoint=0xFF), max_size=60))
+def test_any_query_string_gets_a_page_or_a_one_line_refusal(path, query):
+    app = fresh_app()
+    post(app, seed_table())
+    status, headers, body = call_wsgi(app, 'GET', f'{path}?{query}')
+    if status == 200:
+        assert headers['Content-Type'] == 'text/html; charset=utf-8'
+    else:
+        assert status in (400, 404) and one_line_reason(status, headers, body)
+
+
+def test_a_query_that_is_not_utf8_filters_by_its_replacement_character():
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns\ufffd', 'p', cgroup=POD_UID_OLD), [(1, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'q', cgroup=POD_UID_OLD), [(1, 1000)])])
+    text = page(app, '/pods?namespace=ns%FF')
+    assert [row[2:4] for row in pod_rows(text)] == [('ns\ufffd', 'p')]
+
+
+###############################################################################
 # Bad input, property-based ###################################################
 ###############################################################################
 
@@ -5328,6 +5735,89 @@ def test_exporter_killed_and_restarted_gets_every_pod_back_and_prometheus1_loses
                       'every pod back on the restarted exporter')
         pipeline.wait_for_values(expected, timeout=10)
         assert_remote_write_failed_nothing(pipeline.prometheus1, retries_allowed=True)
+
+
+# The pages in a real browser: Debian's chromium, headless, loads each page
+# from the exporter after prometheus1 has written to it. Its --dump-dom is
+# the DOM after the page has loaded: an injected element would show in it,
+# and an injected script would have changed the title.
+
+needs_chromium = pytest.mark.skipif(
+    not os.access(CHROMIUM_BINARY, os.X_OK),
+    reason=f'{CHROMIUM_BINARY} not installed: the browser tests need Debian\'s chromium '
+           'package (`make chromium` as root)')
+
+
+def text_format_label(value):
+    return value.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
+def browser_kubelet_text():
+    """web-0: a pod cgroup, a container and a pause container; and a pod named to inject."""
+    web = 'namespace="shop",pod="web-0"'
+    injected = (f'namespace="{text_format_label(INJECTED_NAMESPACE)}",'
+                f'pod="{text_format_label(INJECTED_POD)}"')
+    return '\n'.join([
+        f'container_memory_usage_bytes{{container="",id="{POD_UID_OLD}",{web}}} 7000',
+        f'container_memory_usage_bytes{{container="app",id="{POD_UID_OLD}/c1",image="app:1",'
+        f'{web}}} 5000',
+        f'container_memory_usage_bytes{{container="",id="{POD_UID_OLD}/pause",{web}}} 500',
+        f'container_fs_usage_bytes{{container="app",device="/dev/vda1",id="{POD_UID_OLD}/c1",'
+        f'image="app:1",{web}}} 300',
+        f'container_memory_usage_bytes{{container="",id="{POD_UID_NEW}",{injected}}} 42',
+    ]) + '\n'
+
+
+def browser_dom(url):
+    """The DOM chromium made of url, and its title as the browser shows it."""
+    dom = run_chromium(url, '--dump-dom')
+    titles = re.findall(r'<title>(.*?)</title>', dom, re.S)
+    assert len(titles) == 1, dom[:2000]
+    return dom, html.unescape(titles[0])
+
+
+@needs_chromium
+@needs_prometheus
+def test_chromium_shows_every_page_after_a_real_write_and_runs_nothing_injected():
+    job = 'kubernetes-cadvisor'
+    with contextlib.ExitStack() as stack:
+        pipeline = SmallPipeline(stack, browser_kubelet_text(), job)
+        url = pipeline.exporter.url
+        pipeline.wait(lambda: {key[3:] for key in exporter_pod_values(pipeline.exporter)} == {
+                          ('shop', 'web-0'), (INJECTED_NAMESPACE, INJECTED_POD)},
+                      40, 'both pods at the exporter')
+        refused = '<script>document.title="REFUSED"</script>'
+        assert http_request(url + '/write', 'POST', b'x', {'Content-Type': refused})[0] == 415
+        injected_query = urllib.parse.urlencode(
+            {'namespace': INJECTED_NAMESPACE, 'pod': INJECTED_POD}, quote_via=urllib.parse.quote)
+        pages = {path: browser_dom(url + path) for path in (
+            '/', '/pods', '/pod?namespace=shop&pod=web-0', '/pod?' + injected_query)}
+        assert_remote_write_failed_nothing(pipeline.prometheus1)
+
+    for path, (dom, title) in pages.items():
+        assert '<script' not in dom and '<img' not in dom, (path, dom)
+        assert title not in ('INJECTED', 'REFUSED'), path     # what the scripts would set
+        assert f'k8s_exporter {k8s_exporter.__version__}' in dom, path
+    dom, title = pages['/']
+    assert title == 'Status - k8s_exporter'
+    senders = [row[:4] for row in table_rows(dom) if len(row) == 6]
+    assert senders == [[E2E_CLUSTER, job, '2', '5']]
+    reasons = [row[3] for row in table_rows(dom) if len(row) == 4]
+    assert reasons == [f"unsupported Content-Type '{refused}'; expected application/x-protobuf"]
+    dom, title = pages['/pods']
+    assert title == 'Pods - k8s_exporter'
+    assert [row[:4] + row[-1:] for row in table_rows(dom)] == [
+        [E2E_CLUSTER, job, INJECTED_NAMESPACE, INJECTED_POD, '42'],
+        [E2E_CLUSTER, job, 'shop', 'web-0', '7000']]
+    dom, title = pages['/pod?namespace=shop&pod=web-0']
+    assert title == 'Pod shop/web-0 - k8s_exporter'
+    assert explained(dom)[f'{MEMORY} = 7000'] == [
+        ('pod cgroup', '', POD_UID_OLD, '', '7000', 'counted'),
+        ('pause container', '', f'{POD_UID_OLD}/pause', '', '500', 'no: pod cgroup preferred'),
+        ('container', 'app', f'{POD_UID_OLD}/c1', '', '5000', 'no: pod cgroup preferred')]
+    dom, title = pages['/pod?' + injected_query]
+    assert title == f'Pod {INJECTED_NAMESPACE}/{INJECTED_POD} - k8s_exporter'
+    assert list(explained(dom)) == [f'{MEMORY} = 42']
 
 
 # examples/.
