@@ -1,14 +1,25 @@
 """The specification of k8s_exporter, as tests.
 
-After the builders and harness come one reader of the text format and one
-model of the README's aggregation rules, both written without the
-exporter's code. The tests then follow k8s_exporter.py from pure functions
-to the WSGI app: the seed, configuration, remote-write decoding, cAdvisor
-series to pods, real kubelet captures, the store, exposition, the WSGI app,
-authentication and bad input; then a real gunicorn over HTTP, the deployment
-files (the image, docker compose, Kubernetes), then the real Prometheus
-pipeline (skipped, with the reason, without /usr/bin/prometheus and
-promtool; its harness lives in demo_k8s_exporter.py).
+First the harness, which tests nothing of the exporter's: builders of
+requests from tables, calling the WSGI app and a real gunicorn, one reader
+of the text format and one model of the README's aggregation rules (both
+written without the exporter's code, with tests of their own), and reading
+the kubelet captures. Then the specification, in the README's order:
+
+- protocol: remote-write decoding, every sender (compliance, bytes that are
+  not UTF-8, clocks ahead), bad input (property-based);
+- pod rules: cAdvisor series to pods, the real kubelet captures, the
+  metrics pods are judged by;
+- lifecycle: the store, and a pod's life (restarts, re-created pods, HA
+  senders, replays);
+- exposition: the seed's bytes, the text format;
+- HTTP: the WSGI app, a real gunicorn;
+- security: authentication;
+- operations: configuration, the pages, deployment (the image, docker
+  compose, Kubernetes);
+- end to end: the real Prometheus pipeline (skipped, with the reason,
+  without /usr/bin/prometheus and promtool; its harness lives in
+  demo_k8s_exporter.py).
 
 Run with `make test`. TEST_K8S_EXPORTER_SOAK_SECONDS (8 here, 60 in `make soak`)
 sets the length of the soak; TEST_K8S_EXPORTER_PROPERTY_EXAMPLES (200) how long
@@ -908,149 +919,91 @@ def test_model_restates_the_seed_written_out_by_hand():
 
 
 ###############################################################################
-# The seed ####################################################################
+# Reading the kubelet captures ################################################
 ###############################################################################
 
-@pytest.mark.parametrize('protocol', [1, 2])
-def test_seed_exposition_is_reproduced_byte_for_byte(protocol):
-    app = fresh_app()
-    status, headers, body = post(app, seed_table(), protocol)
-    assert (status, body) == (204, b'')
-    if protocol == 2:
-        assert headers['X-Prometheus-Remote-Write-Samples-Written'] == str(len(seed_table()))
-    status, headers, body = call_wsgi(app, 'GET', '/metrics')
-    assert (status, headers['Content-Type']) == (200, 'text/plain; version=0.0.4; charset=utf-8')
-    assert pod_families(body.decode()) == SEED_EXPOSITION
+# Every capture in ../shared/fixtures/cadvisor (SOURCES.md and SYNTHETIC.md
+# there say where each comes from) is remote-written the way Prometheus
+# sends a scrape of it; what /metrics serves must be what the model above
+# computes from the capture's text.
+
+CAPTURE_EKS_1_21 = 'kubelet-modern-dockershim-eks-k8s1.21-datadog-integrations-core'
+CAPTURE_MINIKUBE_1_22 = 'kubelet-modern-dockershim-systemd-minikube-k8s1.22-nri-kubernetes.part'
+CAPTURE_KIND_1_16 = 'kubelet-modern-containerd-kind-k8s1.16-datadog-integrations-core'
+CAPTURE_MINIKUBE_1_35 = 'kubelet-modern-containerd-minikube-k8s1.35-nri-kubernetes.part'
+CAPTURE_LEGACY_GKE = 'kubelet-legacy-dockershim-gke-datadog-integrations-core'
+SYNTHETIC_MODERN = 'synthetic-kubelet-modern'
+# The five real captures and the three synthetic ones, one per label convention.
+ALL_CAPTURES = (CAPTURE_EKS_1_21, CAPTURE_MINIKUBE_1_22, CAPTURE_KIND_1_16,
+                CAPTURE_MINIKUBE_1_35, CAPTURE_LEGACY_GKE, 'synthetic-cadvisor-standalone',
+                'synthetic-kubelet-legacy', SYNTHETIC_MODERN)
+
+CAPTURE_JOB = 'kubernetes-cadvisor'
+CAPTURE_TIMESTAMP_MS = 1_700_000_000_000
+# Prometheus's queue_config.max_samples_per_send default since 2.26.
+SAMPLES_PER_REQUEST = 2000
 
 
-def test_seed_exposition_in_this_file_is_the_seeds_own_block():
-    if not SEED_FILE.exists():
-        pytest.skip(f'{SEED_FILE} not present')
-    seed_lines = [line.strip() for line in SEED_FILE.read_text(encoding='utf-8').splitlines()]
-    start = seed_lines.index('# HELP container_cpu_load_average_10s Average load of '
-                             'container CPU over the past 10 seconds')
-    block = [line for line in seed_lines[start:] if line.startswith(
-        ('container_', '# HELP container_', '# TYPE container_'))]
-    assert '\n'.join(block) + '\n' == SEED_EXPOSITION
+def capture_path(name):
+    if not FIXTURES.is_dir():
+        pytest.skip(f'{FIXTURES} not present')
+    return FIXTURES / f'{name}.txt'
 
 
-###############################################################################
-# Configuration ###############################################################
-###############################################################################
-
-def test_config_defaults_are_the_documented_ones():
-    config = Config.from_environ({})
-    assert config == Config(cluster='k8s-cluster', ttl_seconds=300.0,
-                            max_body_bytes=10 * 1024 * 1024, max_decoded_bytes=64 * 1024 * 1024,
-                            max_series=1_000_000, metrics=EXPORTED_METRICS,
-                            listen='0.0.0.0:9201')
+def read_capture(path):
+    """The capture's text; a missing final newline (kind 1.16) is added."""
+    with open(path, encoding='utf-8', newline='') as capture:
+        text = capture.read()
+    return text if not text or text.endswith('\n') else text + '\n'
 
 
-def test_config_reads_every_variable():
-    config = Config.from_environ({
-        'K8S_EXPORTER_CLUSTER': 'prod-eu', 'K8S_EXPORTER_TTL_SECONDS': '2.5',
-        'K8S_EXPORTER_MAX_BODY_BYTES': '1000', 'K8S_EXPORTER_MAX_DECODED_BYTES': '2000',
-        'K8S_EXPORTER_MAX_SERIES': '30', 'K8S_EXPORTER_LISTEN': '127.0.0.1:9300',
-        'K8S_EXPORTER_METRICS': 'container_memory_rss, container_memory_usage_bytes,'})
-    assert config == Config(cluster='prod-eu', ttl_seconds=2.5, max_body_bytes=1000,
-                            max_decoded_bytes=2000, max_series=30, listen='127.0.0.1:9300',
-                            metrics=('container_memory_rss', 'container_memory_usage_bytes'))
+def capture_text(name):
+    return read_capture(capture_path(name))
 
 
-@pytest.mark.parametrize('name, value, message', [
-    ('K8S_EXPORTER_TTL_SECONDS', 'abc', "K8S_EXPORTER_TTL_SECONDS='abc': not a number"),
-    ('K8S_EXPORTER_TTL_SECONDS', '0', "K8S_EXPORTER_TTL_SECONDS='0': must be from 1 to 604800"),
-    ('K8S_EXPORTER_TTL_SECONDS', '1e-9', "K8S_EXPORTER_TTL_SECONDS='1e-9': must be from 1 to "
-                                         "604800"),
-    ('K8S_EXPORTER_TTL_SECONDS', 'nan', "K8S_EXPORTER_TTL_SECONDS='nan': must be from 1 to "
-                                        "604800"),
-    ('K8S_EXPORTER_TTL_SECONDS', '1e9', "K8S_EXPORTER_TTL_SECONDS='1e9': must be from 1 to "
-                                        "604800"),
-    ('K8S_EXPORTER_MAX_BODY_BYTES', '1.5', "K8S_EXPORTER_MAX_BODY_BYTES='1.5': not an integer"),
-    ('K8S_EXPORTER_MAX_BODY_BYTES', '99', "K8S_EXPORTER_MAX_BODY_BYTES='99': must be from 100 "
-                                          "to 1073741824"),
-    ('K8S_EXPORTER_MAX_DECODED_BYTES', str(2 ** 32), "K8S_EXPORTER_MAX_DECODED_BYTES="
-                                                     "'4294967296': must be from 100 to "
-                                                     "4294967295"),
-    ('K8S_EXPORTER_MAX_SERIES', '-1', "K8S_EXPORTER_MAX_SERIES='-1': must be from 1 to "
-                                      "1000000000"),
-    ('K8S_EXPORTER_MAX_CONCURRENT_DECODES', '0', "K8S_EXPORTER_MAX_CONCURRENT_DECODES='0': "
-                                                 "must be from 1 to 64"),
-    ('K8S_EXPORTER_CLUSTER', ' ', 'K8S_EXPORTER_CLUSTER is set but empty'),
-    ('K8S_EXPORTER_METRICS', 'container memory', "K8S_EXPORTER_METRICS: 'container memory' is "
-                                                 "not a valid metric name"),
-    ('K8S_EXPORTER_METRICS', ',', "K8S_EXPORTER_METRICS=',': names no metric"),
-    ('K8S_EXPORTER_LISTEN', '9201', "K8S_EXPORTER_LISTEN='9201': expected HOST:PORT"),
-    ('K8S_EXPORTER_TTL_SECONDS', 'inf', "K8S_EXPORTER_TTL_SECONDS='inf': must be from 1 to "
-                                        "604800"),
-    ('K8S_EXPORTER_LISTEN', '127.0.0.1:65536',
-     "K8S_EXPORTER_LISTEN='127.0.0.1:65536': expected HOST:PORT"),
-], ids=['ttl-not-a-number', 'ttl-zero', 'ttl-tiny', 'ttl-nan', 'ttl-too-long',
-        'max-body-not-an-integer', 'max-body-too-small', 'max-decoded-too-large',
-        'max-series-negative', 'max-decodes-zero', 'cluster-blank', 'metrics-bad-name',
-        'metrics-none', 'listen-without-host', 'ttl-inf', 'listen-port-too-large'])
-def test_config_rejects_a_bad_value_naming_the_variable(name, value, message):
-    with pytest.raises(ConfigError) as raised:
-        Config.from_environ({name: value})
-    assert str(raised.value) == message
+@functools.lru_cache(maxsize=None)
+def _parsed_capture(name):
+    return tuple(read_samples(capture_text(name)))
 
 
-def test_metrics_variable_is_read_as_a_sorted_set_of_names():
-    config = Config.from_environ({'K8S_EXPORTER_METRICS': ' container_b , container_a,container_b'})
-    assert config.metrics == ('container_a', 'container_b')
+def capture_samples(name):
+    """The capture's samples; labels are copied so a test may change them."""
+    return [(metric, dict(labels), value) for metric, labels, value in _parsed_capture(name)]
 
 
-def test_metrics_variable_replaces_the_five_and_unknown_names_get_a_generic_help():
-    app = fresh_app(metrics=('container_memory_swap', 'container_memory_usage_bytes'))
-    table = [(cadvisor('container_memory_swap', 'ns', 'p'), [(7, 1)]),
-             (cadvisor('container_memory_usage_bytes', 'ns', 'p'), [(8, 1)]),
-             (cadvisor('container_fs_usage_bytes', 'ns', 'p', 'c', '/x/pod1/c'), [(9, 1)])]
-    assert call_wsgi(app, 'POST', '/write', rw1_body(table))[0] == 204
-    assert pod_families(scrape(app)) == (
-        '# HELP container_memory_swap cAdvisor container_memory_swap, one value per pod\n'
-        '# TYPE container_memory_swap gauge\n'
-        'container_memory_swap{cluster="k8s-cluster",item="container_memory_swap",'
-        'job="kubernetes-cadvisor",namespace="ns",pod="p"} 7\n'
-        '# HELP container_memory_usage_bytes The current memory usage of the container '
-        '(unit: bytes)\n'
-        '# TYPE container_memory_usage_bytes gauge\n'
-        'container_memory_usage_bytes{cluster="k8s-cluster",item="container_memory_usage_bytes",'
-        'job="kubernetes-cadvisor",namespace="ns",pod="p"} 8\n')
+def expected_capture_values(samples, job=CAPTURE_JOB, cluster=None, metrics=EXPORTED_METRICS):
+    """What the model makes of one scrape of samples, with prometheus1's cluster label."""
+    return expected_pod_values([capture_table(samples, job, CAPTURE_TIMESTAMP_MS,
+                                              {'cluster': cluster} if cluster else None)],
+                               metrics)
 
 
-def test_unknown_variables_and_metric_names_get_one_warning_line_each():
-    environ = {'K8S_EXPORTER_TTL_SECOND': '60', 'K8S_EXPORTER_CLUSTER': 'c',
-               'TEST_K8S_EXPORTER_SOAK_SECONDS': '8', 'OTHER': 'x',
-               'K8S_EXPORTER_METRICS': 'container_memory_usage_bytes,container_memory_usage_byte,'
-                                       'container_memory_swap,container_memory_rss'}
-    config = Config.from_environ(environ)
-    assert k8s_exporter.configuration_warnings(environ, config) == [
-        'K8S_EXPORTER_TTL_SECOND is not a k8s_exporter variable; ignored',
-        "K8S_EXPORTER_METRICS: 'container_memory_swap' is not in the table of metrics; it is "
-        'exported as a gauge with a generic HELP, by the rule its name suggests',
-        "K8S_EXPORTER_METRICS: 'container_memory_usage_byte' is not a cAdvisor metric; it is "
-        'exported only if a sender writes it']
-    assert k8s_exporter.configuration_warnings({}, Config()) == []
+def post_samples(app, samples, protocol, timestamp_ms=CAPTURE_TIMESTAMP_MS):
+    """Remote-write samples as Prometheus batches them; every request must succeed."""
+    table = capture_table(samples, CAPTURE_JOB, timestamp_ms, {'instance': '10.0.0.1:10250'})
+    for start in range(0, len(table), SAMPLES_PER_REQUEST):
+        batch = table[start:start + SAMPLES_PER_REQUEST]
+        status, headers, body = post(app, batch, protocol)
+        assert (status, body) == (204, b'')
+        if protocol == 2:
+            assert headers['X-Prometheus-Remote-Write-Samples-Written'] == str(len(batch))
 
 
-def test_the_tests_and_tools_set_no_variable_the_exporter_would_warn_about():
-    for name in ('test_k8s_exporter.py', 'bench_k8s_exporter.py', 'demo_k8s_exporter.py',
-                 'Makefile', 'gunicorn.conf.py'):
-        text = (HERE / name).read_text()
-        used = set(re.findall(r'(?<![A-Z_])K8S_EXPORTER_[A-Z_]*[A-Z]', text))
-        # The typo the warning tests use on purpose.
-        used.discard('K8S_EXPORTER_TTL_SECOND')
-        assert used <= set(k8s_exporter.ENVIRONMENT_VARIABLES), (name, sorted(used))
+def by_metric(values, metric):
+    """{(namespace, pod): value} of one metric from an expected or served dict."""
+    return {(namespace, pod): value for (name, _, _, namespace, pod), value in values.items()
+            if name == metric}
 
 
-def test_gunicorn_logs_each_warning_once_with_time_and_level():
-    with Gunicorn(env={'K8S_EXPORTER_TTL_SECOND': '60'}) as running:
-        assert running.metrics()
-    lines = [line for line in running.log.splitlines() if 'TTL_SECOND' in line]
-    assert len(lines) == 1, lines
-    assert re.fullmatch(r'\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[WARNING\] '
-                        r'k8s_exporter: K8S_EXPORTER_TTL_SECOND is not a k8s_exporter '
-                        r'variable; ignored', lines[0]), lines[0]
+def pod_series(samples, metric):
+    """{(namespace, pod): [labels with empties dropped, value]} of one metric."""
+    series = {}
+    for name, labels, value in samples:
+        present = {label: text for label, text in labels.items() if text}
+        owner = pod_of(present)
+        if name == metric and owner:
+            series.setdefault(owner[:2], []).append((present, value))
+    return series
 
 
 ###############################################################################
@@ -1171,587 +1124,6 @@ def test_rw2_without_a___name___symbol_rejects_every_series():
         PROTO_RW2, {MEMORY: 0}, 'c')
     assert (decoded.bad_series, decoded.first_error, decoded.samples_total) == (
         2, 'series with no __name__ label', 0)
-
-
-###############################################################################
-# cAdvisor series to pods #####################################################
-###############################################################################
-
-@pytest.mark.parametrize('labels, pod, series', [
-    # kubelet >= 1.16, pod cgroup and a container
-    ({'namespace': 'ns', 'pod': 'p', 'container': '', 'id': '/kubepods/burstable/podab-12'},
-     PodKey('k8s-cluster', '', 'ns', 'p'),
-     SeriesKey(True, '', '/kubepods/burstable/podab-12', '', '')),
-    ({'namespace': 'ns', 'pod': 'p', 'container': 'app', 'id': '/kubepods/podab/0f',
-      'image': 'nginx', 'device': '/dev/sda', 'job': 'j', 'cluster': 'east'},
-     PodKey('east', 'j', 'ns', 'p'), SeriesKey(False, 'app', '/kubepods/podab/0f', 'nginx',
-                                               '/dev/sda')),
-    # kubelet < 1.16
-    ({'namespace': 'ns', 'pod_name': 'p', 'container_name': 'POD', 'id': '/kubepods/podab/1'},
-     PodKey('k8s-cluster', '', 'ns', 'p'), SeriesKey(False, 'POD', '/kubepods/podab/1', '', '')),
-    # standalone cAdvisor
-    ({'container_label_io_kubernetes_pod_namespace': 'ns',
-      'container_label_io_kubernetes_pod_name': 'p',
-      'container_label_io_kubernetes_container_name': 'app', 'id': '/docker/0f'},
-     PodKey('k8s-cluster', '', 'ns', 'p'), SeriesKey(False, 'app', '/docker/0f', '', '')),
-    # systemd driver: the pod slice is the pod cgroup, a scope below it is a container
-    ({'namespace': 'ns', 'pod': 'p',
-      'id': '/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podab_12.slice'},
-     PodKey('k8s-cluster', '', 'ns', 'p'),
-     SeriesKey(True, '', '/kubepods.slice/kubepods-besteffort.slice/'
-                         'kubepods-besteffort-podab_12.slice', '', '')),
-    # containerd pause: no container label, but an id one level below the pod
-    ({'namespace': 'ns', 'pod': 'p', 'id': '/kubepods/besteffort/podab/0f0f', 'image': 'pause'},
-     PodKey('k8s-cluster', '', 'ns', 'p'),
-     SeriesKey(False, '', '/kubepods/besteffort/podab/0f0f', 'pause', '')),
-    # no id: the pod cgroup, when there is no container label either
-    ({'namespace': 'ns', 'pod': 'p'}, PodKey('k8s-cluster', '', 'ns', 'p'),
-     SeriesKey(True, '', '', '', '')),
-    # a container label makes a container, whatever the id says
-    ({'namespace': 'ns', 'pod': 'p', 'container': 'app', 'id': '/kubepods/burstable/podab'},
-     PodKey('k8s-cluster', '', 'ns', 'p'),
-     SeriesKey(False, 'app', '/kubepods/burstable/podab', '', '')),
-], ids=['kubelet-pod-cgroup', 'kubelet-container', 'kubelet-legacy', 'standalone-cadvisor',
-        'systemd-pod-slice', 'containerd-pause', 'no-id', 'container-on-a-pod-cgroup-id'])
-def test_pod_identity_in_each_label_convention(labels, pod, series):
-    assert pod_series_identity(labels, 'k8s-cluster') == (pod, series)
-
-
-@pytest.mark.parametrize('labels', [
-    {'id': '/'},
-    {'id': '/system.slice/docker.service'},
-    {'namespace': '', 'pod_name': '', 'container_name': '', 'id': '/kubepods/burstable/podab'},
-    {'name': 'some-docker-container', 'id': '/docker/0f', 'image': 'redis'},
-    {'namespace': 'ns', 'pod': ''},
-    {'pod': 'p', 'container': 'app', 'id': '/kubepods/podab/0f'},
-], ids=['root-cgroup', 'system-service', 'empty-legacy-labels', 'plain-docker', 'empty-pod',
-        'no-namespace'])
-def test_series_without_pod_identity_are_not_exported(labels):
-    assert pod_series_identity(labels, 'k8s-cluster') is None
-
-
-def series_map(*entries):
-    """[(SeriesKey, value), ...] from (pod_cgroup, container, device, value)."""
-    return [(SeriesKey(pod_cgroup, container, f'/{container}', '', device), value)
-            for pod_cgroup, container, device, value in entries]
-
-
-def test_pod_cgroup_series_wins_over_container_sum():
-    series = series_map((True, '', '', 100.0), (False, 'POD', '', 1.0), (False, 'app', '', 2.0))
-    assert pod_value(k8s_exporter.RULE_POD_CGROUP, series) == 100.0
-
-
-def test_without_pod_cgroup_the_containers_are_summed_pause_included():
-    series = series_map((False, 'POD', '', 1.0), (False, 'app', '', 2.0), (False, 'b', '', 4.0))
-    assert pod_value(k8s_exporter.RULE_POD_CGROUP, series) == 7.0
-
-
-def test_fs_usage_sums_containers_and_devices():
-    series = series_map((False, 'POD', '/dev/a', 1.0), (False, 'app', '/dev/a', 2.0),
-                        (False, 'app', '/dev/b', 4.0), (True, '', '/dev/a', 100.0))
-    assert pod_value(k8s_exporter.RULE_SUM, series) == 7.0
-
-
-def test_fs_limit_counts_each_device_once():
-    series = series_map((False, 'POD', '/dev/a', 10.0), (False, 'app', '/dev/a', 12.0),
-                        (False, 'app', '/dev/b', 5.0))
-    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) == 17.0   # the largest a device has
-
-
-def test_fs_limit_of_a_device_ignores_nan_as_promql_max_does():
-    series = series_map((False, 'a', '/dev/a', math.nan), (False, 'b', '/dev/a', 10.0),
-                        (False, 'c', '/dev/a', math.nan))
-    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) == 10.0
-    series += series_map((False, 'd', '/dev/b', math.nan))     # NaN on every series
-    assert math.isnan(pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series))
-
-
-def test_fs_rules_without_container_series_give_no_value():
-    series = series_map((True, '', '/dev/a', 10.0))
-    assert pod_value(k8s_exporter.RULE_SUM, series) is None
-    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) is None
-    assert pod_value(k8s_exporter.RULE_POD_CGROUP, []) is None
-
-
-def test_aggregation_rule_per_metric_name():
-    assert [k8s_exporter.aggregation_rule(name) for name in EXPORTED_METRICS] == [
-        'pod_cgroup', 'device', 'sum', 'pod_cgroup', 'pod_cgroup']
-    assert k8s_exporter.aggregation_rule('container_fs_inodes_total') == 'sum'
-
-
-@pytest.mark.parametrize('values, total', [
-    ([1.0, 2.0], 3.0), ([0.1, 0.2, -0.3], 2.7755575615628914e-17),
-    ([1.7976931348623157e308, 1.7976931348623157e308], math.inf),
-    ([1.7976931348623157e308, 1.7976931348623157e308, -1.7976931348623157e308],
-     1.7976931348623157e308),
-    ([-1.7976931348623157e308, -1e308], -math.inf), ([math.inf, 1.0], math.inf),
-    ([math.inf, -math.inf], math.nan), ([math.nan, 1.0], math.nan), ([], 0.0),
-], ids=['plain', 'correctly-rounded', 'overflow-to-inf', 'overflow-and-back',
-        'overflow-to-minus-inf', 'inf-plus-one', 'inf-minus-inf', 'nan', 'empty'])
-def test_sums_are_correctly_rounded_and_end_as_ieee_addition_would(values, total):
-    # Senders may write any float: a sum never raises, it ends as IEEE
-    # addition would (and the model agrees).
-    assert same_values({0: ieee_sum(values)}, {0: total})
-    assert same_values({0: k8s_exporter.sum_values(values)}, {0: total})
-
-
-def test_a_pod_value_of_minus_zero_is_written_0():
-    app = fresh_app()
-    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup='/kubepods/podab'), [(-0.0, 1)]),
-               (cadvisor('container_fs_usage_bytes', 'ns', 'p', 'app', '/kubepods/podab/cc',
-                         device='/dev/a'), [(-0.0, 1)])])
-    assert [line.rpartition(' ')[2] for line in pod_families(scrape(app)).splitlines()
-            if not line.startswith('#')] == ['0', '0']
-
-
-def test_pod_value_through_the_app_pod_cgroup_container_sum_and_fs():
-    app = fresh_app()
-    pod_cgroup = '/kubepods/burstable/pod11111111-2222'
-    table = [
-        (cadvisor('container_memory_usage_bytes', 'ns', 'with-cgroup', cgroup=pod_cgroup),
-         [(1000, 1)]),
-        (cadvisor('container_memory_usage_bytes', 'ns', 'with-cgroup', 'POD',
-                  pod_cgroup + '/aa'), [(10, 1)]),
-        (cadvisor('container_memory_usage_bytes', 'ns', 'with-cgroup', 'app',
-                  pod_cgroup + '/bb'), [(20, 1)]),
-        (cadvisor('container_memory_usage_bytes', 'ns', 'no-cgroup', 'POD', '/x/pod9/aa'),
-         [(10, 1)]),
-        (cadvisor('container_memory_usage_bytes', 'ns', 'no-cgroup', 'app', '/x/pod9/bb'),
-         [(20, 1)]),
-    ]
-    for device, container, usage, limit in (('/dev/a', 'POD', 1, 100), ('/dev/a', 'app', 2, 100),
-                                            ('/dev/b', 'app', 4, 50)):
-        cgroup = f'{pod_cgroup}/{container}'
-        table += [(cadvisor('container_fs_usage_bytes', 'ns', 'with-cgroup', container, cgroup,
-                            device=device), [(usage, 1)]),
-                  (cadvisor('container_fs_limit_bytes', 'ns', 'with-cgroup', container, cgroup,
-                            device=device), [(limit, 1)])]
-    assert post(app, table)[0] == 204
-    values = {(key[0], key[4]): value for key, value in pod_values_in(scrape(app)).items()}
-    assert values == {('container_memory_usage_bytes', 'with-cgroup'): 1000,
-                      ('container_memory_usage_bytes', 'no-cgroup'): 30,
-                      ('container_fs_usage_bytes', 'with-cgroup'): 7,
-                      ('container_fs_limit_bytes', 'with-cgroup'): 150}
-
-
-def test_incoming_cluster_label_wins_and_job_is_kept():
-    app = fresh_app(cluster='default-cluster')
-    table = [(cadvisor('container_memory_usage_bytes', 'ns', 'a', job='kubelet',
-                       cluster='east'), [(1, 1)]),
-             (cadvisor('container_memory_usage_bytes', 'ns', 'b', job='kubelet'), [(2, 1)])]
-    assert post(app, table)[0] == 204
-    assert pod_families(scrape(app)).split('\n')[2:-1] == [
-        'container_memory_usage_bytes{cluster="default-cluster",item="container_memory_usage_'
-        'bytes",job="kubelet",namespace="ns",pod="b"} 2',
-        'container_memory_usage_bytes{cluster="east",item="container_memory_usage_bytes",'
-        'job="kubelet",namespace="ns",pod="a"} 1']
-
-
-###############################################################################
-# Real kubelet captures #######################################################
-###############################################################################
-
-# Every capture in ../shared/fixtures/cadvisor (SOURCES.md and SYNTHETIC.md
-# there say where each comes from) is remote-written the way Prometheus
-# sends a scrape of it; what /metrics serves must be what the model above
-# computes from the capture's text.
-
-CAPTURE_EKS_1_21 = 'kubelet-modern-dockershim-eks-k8s1.21-datadog-integrations-core'
-CAPTURE_MINIKUBE_1_22 = 'kubelet-modern-dockershim-systemd-minikube-k8s1.22-nri-kubernetes.part'
-CAPTURE_KIND_1_16 = 'kubelet-modern-containerd-kind-k8s1.16-datadog-integrations-core'
-CAPTURE_MINIKUBE_1_35 = 'kubelet-modern-containerd-minikube-k8s1.35-nri-kubernetes.part'
-CAPTURE_LEGACY_GKE = 'kubelet-legacy-dockershim-gke-datadog-integrations-core'
-SYNTHETIC_MODERN = 'synthetic-kubelet-modern'
-# The five real captures and the three synthetic ones, one per label convention.
-ALL_CAPTURES = (CAPTURE_EKS_1_21, CAPTURE_MINIKUBE_1_22, CAPTURE_KIND_1_16,
-                CAPTURE_MINIKUBE_1_35, CAPTURE_LEGACY_GKE, 'synthetic-cadvisor-standalone',
-                'synthetic-kubelet-legacy', SYNTHETIC_MODERN)
-
-CAPTURE_JOB = 'kubernetes-cadvisor'
-CAPTURE_TIMESTAMP_MS = 1_700_000_000_000
-# Prometheus's queue_config.max_samples_per_send default since 2.26.
-SAMPLES_PER_REQUEST = 2000
-
-
-def capture_path(name):
-    if not FIXTURES.is_dir():
-        pytest.skip(f'{FIXTURES} not present')
-    return FIXTURES / f'{name}.txt'
-
-
-def read_capture(path):
-    """The capture's text; a missing final newline (kind 1.16) is added."""
-    with open(path, encoding='utf-8', newline='') as capture:
-        text = capture.read()
-    return text if not text or text.endswith('\n') else text + '\n'
-
-
-def capture_text(name):
-    return read_capture(capture_path(name))
-
-
-@functools.lru_cache(maxsize=None)
-def _parsed_capture(name):
-    return tuple(read_samples(capture_text(name)))
-
-
-def capture_samples(name):
-    """The capture's samples; labels are copied so a test may change them."""
-    return [(metric, dict(labels), value) for metric, labels, value in _parsed_capture(name)]
-
-
-def expected_capture_values(samples, job=CAPTURE_JOB, cluster=None, metrics=EXPORTED_METRICS):
-    """What the model makes of one scrape of samples, with prometheus1's cluster label."""
-    return expected_pod_values([capture_table(samples, job, CAPTURE_TIMESTAMP_MS,
-                                              {'cluster': cluster} if cluster else None)],
-                               metrics)
-
-
-def post_samples(app, samples, protocol, timestamp_ms=CAPTURE_TIMESTAMP_MS):
-    """Remote-write samples as Prometheus batches them; every request must succeed."""
-    table = capture_table(samples, CAPTURE_JOB, timestamp_ms, {'instance': '10.0.0.1:10250'})
-    for start in range(0, len(table), SAMPLES_PER_REQUEST):
-        batch = table[start:start + SAMPLES_PER_REQUEST]
-        status, headers, body = post(app, batch, protocol)
-        assert (status, body) == (204, b'')
-        if protocol == 2:
-            assert headers['X-Prometheus-Remote-Write-Samples-Written'] == str(len(batch))
-
-
-def by_metric(values, metric):
-    """{(namespace, pod): value} of one metric from an expected or served dict."""
-    return {(namespace, pod): value for (name, _, _, namespace, pod), value in values.items()
-            if name == metric}
-
-
-def pod_series(samples, metric):
-    """{(namespace, pod): [labels with empties dropped, value]} of one metric."""
-    series = {}
-    for name, labels, value in samples:
-        present = {label: text for label, text in labels.items() if text}
-        owner = pod_of(present)
-        if name == metric and owner:
-            series.setdefault(owner[:2], []).append((present, value))
-    return series
-
-
-def test_read_capture_adds_only_a_missing_final_newline(tmp_path):
-    without, with_newline = tmp_path / 'without.txt', tmp_path / 'with.txt'
-    without.write_bytes(b'a 1\nb 2')
-    with_newline.write_bytes(b'a 1\nb 2\n')
-    assert read_capture(without) == read_capture(with_newline) == 'a 1\nb 2\n'
-
-
-def test_capture_table_drops_empty_labels_and_adds_name_and_job():
-    samples = [('m', {'container': '', 'id': '/a', 'pod': 'p'}, 2.5),
-               ('m', {'job': 'own'}, 1)]
-    assert capture_table(samples, 'cadvisor', 1234, {'instance': 'node:10250'}) == [
-        ({'__name__': 'm', 'job': 'cadvisor', 'instance': 'node:10250', 'id': '/a', 'pod': 'p'},
-         [(2.5, 1234)]),
-        ({'__name__': 'm', 'job': 'own', 'instance': 'node:10250'}, [(1, 1234)]),
-    ]
-
-
-@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
-@pytest.mark.parametrize('capture', ALL_CAPTURES)
-def test_capture_pod_values_match_the_readme_rules(capture, protocol):
-    samples = capture_samples(capture)
-    expected = expected_capture_values(samples)
-    app = fresh_app()
-    post_samples(app, samples, protocol)
-    served = pod_values_in(scrape(app))
-    assert served == expected
-    # Every pod of the capture is there, and only pods: the node's own
-    # cgroups (id="/", qos and system slices) carry no pod identity.
-    pods = {owner[:2] for _, labels, _ in samples
-            if (owner := pod_of(labels))}
-    assert {(namespace, pod) for _, _, _, namespace, pod in served} == pods
-    # Each input series of a pod is held apart: none overwrote another.
-    held = {(name, frozenset((k, v) for k, v in labels.items() if v))
-            for name, labels, _ in samples if name in EXPORTED_METRICS and pod_of(labels)}
-    assert self_metric(scrape(app), 'k8s_exporter_input_series') == len(held)
-
-
-@pytest.mark.parametrize('capture', ALL_CAPTURES)
-def test_capture_series_are_classified_as_the_readme_says(capture):
-    """The exporter's pod-cgroup/container split agrees with ours on every series."""
-    for _, labels, _ in capture_samples(capture):
-        present = {label: text for label, text in labels.items() if text}
-        identity = k8s_exporter.pod_series_identity(present, 'k8s-cluster')
-        owner = pod_of(present)
-        assert (identity is None) == (owner is None), present
-        if identity:
-            pod, series = identity
-            assert (pod.namespace, pod.pod) == owner[:2]
-            assert series.pod_cgroup == is_pod_cgroup_series(present), present
-
-
-# The traps of issue 6, each on the capture that shows it.
-
-def containerd_pod_cgroup_and_pause(samples, metric):
-    """{(namespace, pod): (pod cgroup value, pause value)}; each pod has exactly one of each."""
-    pairs = {}
-    for pod, series in pod_series(samples, metric).items():
-        pod_level = [(labels, value) for labels, value in series if is_pod_cgroup_series(labels)]
-        pause = [(labels, value) for labels, value in series
-                 if 'container' not in labels and not is_pod_cgroup_series(labels)]
-        assert len(pod_level) == 1 and len(pause) == 1, (pod, series)
-        (cgroup_labels, cgroup_value), (pause_labels, pause_value) = pod_level[0], pause[0]
-        # Same labels but for id (and image, name): only the id tells them apart.
-        assert pause_labels['id'].rpartition('/')[0] == cgroup_labels['id']
-        assert 'pause' in pause_labels['image'] and 'image' not in cgroup_labels
-        pairs[pod] = (cgroup_value, pause_value)
-    return pairs
-
-
-@pytest.mark.parametrize('capture', [CAPTURE_KIND_1_16, CAPTURE_MINIKUBE_1_35])
-def test_containerd_pod_value_is_the_pod_cgroup_not_the_pause_container(capture):
-    samples = capture_samples(capture)
-    app = fresh_app()
-    post_samples(app, samples, 1)
-    served = pod_values_in(scrape(app))
-    for metric in ('container_memory_usage_bytes', 'container_memory_max_usage_bytes'):
-        pairs = containerd_pod_cgroup_and_pause(samples, metric)
-        assert by_metric(served, metric) == {pod: cgroup for pod, (cgroup, _) in pairs.items()}
-        # The pause containers use memory, so a sum of the two would differ.
-        assert all(pause > 0 for _, pause in pairs.values()), metric
-
-
-@pytest.mark.parametrize('pause_first', [True, False], ids=['pause-first', 'pod-cgroup-first'])
-@pytest.mark.parametrize('capture', [CAPTURE_KIND_1_16, CAPTURE_MINIKUBE_1_35])
-def test_containerd_pause_and_pod_cgroup_never_overwrite_each_other(capture, pause_first):
-    """Sent apart, in either order and with equal or later timestamps, both series are kept.
-
-    Keyed by (metric, namespace, pod) alone, the second write would either be
-    ignored (equal timestamp) or replace the first (later timestamp).
-    """
-    metric = 'container_memory_usage_bytes'
-    samples = [(name, labels, value) for name, labels, value in capture_samples(capture)
-               if name == metric and pod_of(labels)]
-    pause = [sample for sample in samples
-             if not is_pod_cgroup_series(sample[1]) and not sample[1].get('container')]
-    pod_level = [sample for sample in samples if is_pod_cgroup_series(sample[1])]
-    first, second = (pause, pod_level) if pause_first else (pod_level, pause)
-    app = fresh_app()
-    post_samples(app, first, 2, CAPTURE_TIMESTAMP_MS)
-    post_samples(app, second, 2, CAPTURE_TIMESTAMP_MS + (0 if pause_first else 15_000))
-    pairs = containerd_pod_cgroup_and_pause(samples, metric)
-    assert by_metric(pod_values_in(scrape(app)), metric) == {
-        pod: cgroup for pod, (cgroup, _) in pairs.items()}
-    assert any(cgroup != pause for cgroup, pause in pairs.values())
-    assert self_metric(scrape(app), 'k8s_exporter_input_series') == len(pause) + len(pod_level)
-
-
-def test_systemd_slice_pod_cgroup_wins_over_docker_scopes():
-    samples = capture_samples(CAPTURE_MINIKUBE_1_22)
-    app = fresh_app()
-    post_samples(app, samples, 1)
-    served = pod_values_in(scrape(app))
-    differs = 0
-    for metric in POD_CGROUP_METRICS:
-        expected = {}
-        for pod, series in pod_series(samples, metric).items():
-            slices = [(labels, value) for labels, value in series
-                      if labels['id'].endswith('.slice')]
-            scopes = [(labels, value) for labels, value in series
-                      if labels['id'].endswith('.scope')]
-            assert len(slices) == 1 and len(scopes) == len(series) - 1, series
-            labels, value = slices[0]
-            assert 'container' not in labels and '-pod' in labels['id'].rpartition('/')[2]
-            assert all(labels['id'].startswith(slices[0][0]['id'] + '/docker-')
-                       for labels, _ in scopes)
-            expected[pod] = value
-            differs += value != math.fsum(value for _, value in scopes)
-        assert by_metric(served, metric) == expected
-    # On some pods the slice is not the sum of its scopes: a sum would show.
-    assert differs > 0
-
-
-def legacy_pod_uid(cgroup):
-    """The pod uid of a cgroupfs id, from its pod<uid> segment."""
-    return next(segment[3:] for segment in cgroup.split('/')
-                if segment.startswith('pod') and is_pod_cgroup_id(segment))
-
-
-def test_legacy_unlabelled_pod_cgroup_is_not_linked_pods_use_the_sum_of_containers():
-    samples = capture_samples(CAPTURE_LEGACY_GKE)
-    app = fresh_app()
-    post_samples(app, samples, 2)
-    served = pod_values_in(scrape(app))
-    differs_from_pod_cgroup = differs_without_pause = 0
-    for metric in POD_CGROUP_METRICS:
-        unlabelled = {legacy_pod_uid(labels['id']): value for name, labels, value in samples
-                      if name == metric and is_pod_cgroup_id(labels['id'])
-                      and not labels['pod_name'] and not labels['namespace']}
-        assert len(unlabelled) == 5
-        expected = {}
-        for pod, series in pod_series(samples, metric).items():
-            assert all(labels['container_name'] for labels, _ in series)
-            assert sum(labels['container_name'] == 'POD' for labels, _ in series) == 1
-            uids = {legacy_pod_uid(labels['id']) for labels, _ in series}
-            assert len(uids) == 1
-            expected[pod] = math.fsum(value for _, value in series)
-            differs_from_pod_cgroup += expected[pod] != unlabelled[uids.pop()]
-            differs_without_pause += expected[pod] != math.fsum(
-                value for labels, value in series if labels['container_name'] != 'POD')
-        assert by_metric(served, metric) == expected
-    # A link through the uid would give other values on some pods, and
-    # leaving out the pause container would too.
-    assert differs_from_pod_cgroup > 0
-    assert differs_without_pause > 0
-
-
-@pytest.mark.parametrize('capture', [CAPTURE_KIND_1_16, CAPTURE_MINIKUBE_1_35])
-def test_containerd_pods_have_no_fs_lines_not_zero_not_the_nodes(capture):
-    samples = capture_samples(capture)
-    node_fs = [labels for name, labels, _ in samples if name.startswith('container_fs_')
-               and name in EXPORTED_METRICS]
-    assert node_fs and all(labels['id'] == '/' and not pod_of(labels) for labels in node_fs)
-    app = fresh_app()
-    post_samples(app, samples, 1)
-    status, _, body = call_wsgi(app, 'GET', '/metrics')
-    assert status == 200
-    assert b'container_fs_' not in body
-    served = pod_values_in(scrape(app))
-    pods = {(namespace, pod) for _, _, _, namespace, pod in served}
-    assert len(pods) == len({pod_of(labels)[:2] for _, labels, _ in samples if pod_of(labels)})
-    assert {metric for metric, *_ in served} == set(POD_CGROUP_METRICS)
-
-
-@pytest.mark.parametrize('capture', [CAPTURE_MINIKUBE_1_22, CAPTURE_MINIKUBE_1_35])
-def test_pod_with_only_a_cgroup_and_a_pause_container_is_exported(capture):
-    samples = capture_samples(capture)
-    own = [(name, labels, value) for name, labels, value in samples
-           if labels.get('pod') == 'e2e-container-creating']
-    containers = {labels.get('container', '') for name, labels, _ in own
-                  if not is_pod_cgroup_series(labels)}
-    assert containers == ({'POD'} if capture == CAPTURE_MINIKUBE_1_22 else {''})
-    app = fresh_app()
-    post_samples(app, samples, 2)
-    served = {metric: value for (metric, _, _, _, pod), value in pod_values_in(scrape(app)).items()
-              if pod == 'e2e-container-creating'}
-    expected = {name: value for name, labels, value in own
-                if name in POD_CGROUP_METRICS and is_pod_cgroup_series(labels)}
-    if capture == CAPTURE_MINIKUBE_1_22:
-        # docker gives the pause container fs series, one device each; they are the pod's.
-        fs = [(name, value) for name, labels, value in own
-              if name in ('container_fs_limit_bytes', 'container_fs_usage_bytes')]
-        assert len(fs) == 2
-        expected.update(fs)
-    assert len(expected) == (5 if capture == CAPTURE_MINIKUBE_1_22 else 3)
-    assert served == expected
-
-
-def test_cpu_load_d_average_is_not_taken_for_cpu_load_average():
-    samples = capture_samples(CAPTURE_MINIKUBE_1_35)
-    load_d = [(name, labels, value) for name, labels, value in samples
-              if name == 'container_cpu_load_d_average_10s' and pod_of(labels)]
-    assert load_d
-    app = fresh_app()
-    post_samples(app, load_d, 1)
-    assert pod_values_in(scrape(app)) == {}
-    assert self_metric(scrape(app), 'k8s_exporter_samples_ignored_total',
-                              reason='unexported_metric') == len(load_d)
-    # In the whole capture both families are 0; make the impostor's values
-    # visible so that taking it would change the served cpu load.
-    marked = [(name, labels, 1e9 + number if name == 'container_cpu_load_d_average_10s'
-               else value) for number, (name, labels, value) in enumerate(samples)]
-    app = fresh_app()
-    post_samples(app, marked, 2)
-    served = by_metric(pod_values_in(scrape(app)), 'container_cpu_load_average_10s')
-    assert len(served) == 18 and set(served.values()) == {0}
-
-
-def test_capture_without_final_newline_is_read_whole():
-    path = capture_path(CAPTURE_KIND_1_16)
-    raw = path.read_bytes()
-    assert not raw.endswith(b'\n')
-    text = read_capture(path)
-    assert text.encode() == raw + b'\n'
-    assert read_samples(text)[-1] == ('machine_memory_bytes', {}, 5718659072.0)
-    # Read as it is, the capture is refused rather than cut short.
-    with pytest.raises(ExpositionSyntaxError, match='newline'):
-        read_samples(raw.decode())
-
-
-# pod_series_identity on real ids.
-
-def first_labels(capture, metric, predicate):
-    """The first series of metric in capture matching predicate, empty labels dropped."""
-    for name, labels, _ in _parsed_capture(capture):
-        present = {label: text for label, text in labels.items() if text}
-        if name == metric and predicate(present):
-            return present
-    raise AssertionError(f'no such series of {metric} in {capture}')
-
-
-def identity_of(labels):
-    return k8s_exporter.pod_series_identity(labels, 'k8s-cluster')
-
-
-def _id_matches(pattern):
-    compiled = re.compile(pattern)
-    return lambda labels: compiled.fullmatch(labels.get('id', '')) is not None
-
-
-UID = r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
-SYSTEMD_UID = r'[0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12}'
-
-
-@pytest.mark.parametrize('capture, cgroup_pattern, container, pod_level', [
-    (CAPTURE_EKS_1_21, rf'/kubepods/burstable/pod{UID}', '', True),
-    (CAPTURE_EKS_1_21, rf'/kubepods/besteffort/pod{UID}', '', True),
-    (CAPTURE_EKS_1_21, rf'/kubepods/burstable/pod{UID}/[0-9a-f]{{64}}', 'POD', False),
-    (CAPTURE_EKS_1_21, rf'/kubepods/burstable/pod{UID}/[0-9a-f]{{64}}', 'aws-node', False),
-    (CAPTURE_MINIKUBE_1_22,
-     rf'/kubepods\.slice/kubepods-burstable\.slice/kubepods-burstable-pod{SYSTEMD_UID}\.slice',
-     '', True),
-    (CAPTURE_MINIKUBE_1_22, rf'/kubepods\.slice/kubepods-pod{SYSTEMD_UID}\.slice', '', True),
-    (CAPTURE_MINIKUBE_1_22, rf'/kubepods\.slice/kubepods-pod{SYSTEMD_UID}\.slice'
-                            r'/docker-[0-9a-f]{64}\.scope', 'POD', False),
-    (CAPTURE_KIND_1_16, rf'/kubepods/pod{UID}', '', True),
-    (CAPTURE_KIND_1_16, rf'/kubepods/pod{UID}/[0-9a-f]{{64}}', '', False),
-    (CAPTURE_MINIKUBE_1_35, rf'/kubepods/besteffort/pod{UID}/[0-9a-f]{{64}}', '', False),
-    (CAPTURE_MINIKUBE_1_35, rf'/kubepods/pod{UID}', '', True),
-    (CAPTURE_LEGACY_GKE, rf'/kubepods/burstable/pod{UID}/[0-9a-f]{{64}}', 'POD', False),
-], ids=['eks-burstable-pod', 'eks-besteffort-pod', 'eks-pause', 'eks-container',
-        'minikube-systemd-burstable-pod', 'minikube-systemd-guaranteed-pod',
-        'minikube-systemd-pause', 'kind-pod', 'kind-containerd-pause',
-        'minikube-1.35-containerd-pause', 'minikube-1.35-pod', 'gke-legacy-pause'])
-def test_pod_series_identity_tells_pod_cgroups_by_real_ids(capture, cgroup_pattern, container,
-                                                           pod_level):
-    matches_id = _id_matches(cgroup_pattern)
-    convention = ('container_name', 'pod_name') if capture == CAPTURE_LEGACY_GKE else (
-        'container', 'pod')
-    labels = first_labels(capture, 'container_memory_usage_bytes',
-                          lambda labels: matches_id(labels) and labels.get(convention[1])
-                          and labels.get(convention[0], '') == container)
-    pod, series = identity_of(labels)
-    assert (pod.namespace, pod.pod) == (labels['namespace'], labels[convention[1]])
-    assert series.pod_cgroup is pod_level
-    assert (series.container, series.id) == (container, labels['id'])
-
-
-def test_pod_series_identity_keeps_containerd_pause_apart_from_its_pod_cgroup():
-    pause = first_labels(CAPTURE_KIND_1_16, 'container_memory_usage_bytes',
-                         lambda labels: 'pause' in labels.get('image', ''))
-    cgroup = pause['id'].rpartition('/')[0]
-    pod_level = first_labels(CAPTURE_KIND_1_16, 'container_memory_usage_bytes',
-                             lambda labels: labels.get('id') == cgroup)
-    # The same labels but for id, image and name: only id says which is the pod's cgroup.
-    assert ({k: v for k, v in pause.items() if k not in ('id', 'image', 'name')}
-            == {k: v for k, v in pod_level.items() if k != 'id'})
-    (pause_pod, pause_series), (cgroup_pod, cgroup_series) = map(identity_of, (pause, pod_level))
-    assert pause_pod == cgroup_pod
-    assert pause_series != cgroup_series
-    assert (pause_series.pod_cgroup, cgroup_series.pod_cgroup) == (False, True)
-
-
-def test_pod_series_identity_gives_legacy_unlabelled_pod_cgroup_no_pod():
-    unlabelled = first_labels(CAPTURE_LEGACY_GKE, 'container_memory_usage_bytes',
-                              _id_matches(rf'/kubepods/burstable/pod{UID}'))
-    assert not {'pod_name', 'namespace', 'container_name'} & set(unlabelled)
-    assert identity_of(unlabelled) is None
 
 
 ###############################################################################
@@ -2204,6 +1576,702 @@ def test_fast_paths_decode_exactly_as_the_full_path_on_every_fixture(capture, pr
     fast = decoded_outcome(payload, protocol, True)
     assert fast == decoded_outcome(payload, protocol, False)
     assert fast['samples']
+
+
+###############################################################################
+# Bad input, property-based ###################################################
+###############################################################################
+
+# Any NaN but the stale marker is an ordinary value.
+NAN_VARIANTS = [float_of_bits(bits) for bits in (
+    0x7FF8000000000000, 0x7FF8000000000001, 0xFFF8000000000000, 0x7FF0000000000001,
+    0x7FF4000000000000, STALE_NAN_BITS)]
+sample_value = st.one_of(
+    st.sampled_from([STALE_NAN, STALE_NAN, *NAN_VARIANTS, math.inf, -math.inf, -0.0, 0.0,
+                     5e-324, -5e-324, 2.2250738585072014e-308, 1.7976931348623157e308,
+                     -1.7976931348623157e308, 1e300, -1e-300, 0.1, 4096.0]),
+    st.floats(),
+    st.integers(-2 ** 53, 2 ** 53).map(float))
+EXTREME_VALUES = [math.inf, -math.inf, 1.7976931348623157e308, -1.7976931348623157e308, 1e308,
+                  math.nan, STALE_NAN]
+# Up to 2004: samples stamped ahead of the clock are refused (their own test).
+sample_timestamp = st.one_of(st.integers(0, 4), st.integers(-2 ** 63, 2 ** 40))
+CGROUPS = ['/', '/kubepods/burstable/pod0a1b-2c3d', '/kubepods/burstable/pod0a1b-2c3d/4e5f',
+           '/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b_2c3d.slice',
+           '/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b_2c3d.slice/'
+           'cri-containerd-4e5f.scope', 'pod12\n', 'xpod12', 'a-podG', 'pod']
+MEANINGFUL = {'__name__', 'cluster', 'job', 'id', 'image', 'device',
+              *(name for convention in README_POD_CONVENTIONS for name in convention)}
+
+
+@st.composite
+def write_requests(draw):
+    """1-3 requests (protocol, table) over 1-3 pods and a few values, so series of
+    one pod and metric meet, overwrite each other and sum."""
+    def pool(*fixed):
+        return list(fixed) + draw(st.lists(label_text, min_size=1, max_size=2))
+
+    def pod_identity():
+        labels = {}
+        conventions = draw(st.lists(st.sampled_from(README_POD_CONVENTIONS), min_size=1, max_size=2,
+                                    unique=True))
+        for namespace_label, pod_label, _ in conventions:
+            # Now and then an empty or missing name: a series without a pod.
+            for name, values in ((namespace_label, namespaces), (pod_label, pods)):
+                if draw(st.integers(0, 7)):
+                    labels[name] = draw(st.sampled_from(values))
+        for name, values in (('cluster', pool('', 'c1')), ('job', pool('', 'kubelet'))):
+            if draw(st.booleans()):
+                labels[name] = draw(st.sampled_from(values))
+        return labels, conventions[0][2]
+
+    namespaces, pods = pool('default'), pool('web-0')
+    identities = [pod_identity() for _ in range(draw(st.integers(1, 3)))]
+    containers, cgroups, devices = pool('', 'POD', 'app'), pool('', *CGROUPS), pool('', 'sda')
+    # A few values per example, often extremes, so sums meet +Inf and -Inf,
+    # overflow, and NaN next to numbers.
+    values = draw(st.lists(st.one_of(st.sampled_from((math.inf, -math.inf)),
+                                     st.sampled_from(EXTREME_VALUES), sample_value),
+                           min_size=1, max_size=3))
+    # One or two exported metrics per example, so each pod gets several series of one.
+    exported = draw(st.lists(st.sampled_from(EXPORTED_METRICS), min_size=1, max_size=2,
+                             unique=True))
+    metric = st.sampled_from([*exported * 4, 'container_network_receive_bytes_total', '',
+                              'Container_memory_usage_bytes'])
+    extra_name = label_text.filter(lambda name: name not in MEANINGFUL)
+
+    def one_series():
+        if not draw(st.integers(0, 30)):
+            return {}, draw(st.lists(st.tuples(sample_value, sample_timestamp), max_size=1))
+        identity, container_label = draw(st.sampled_from(identities))
+        labels = {'__name__': draw(metric), **identity}
+        for name, choices in ((container_label, containers), ('id', cgroups),
+                              ('device', devices), ('image', ['', 'pause:3.9'])):
+            if draw(st.booleans()):
+                labels[name] = draw(st.sampled_from(choices))
+        labels.update(draw(st.dictionaries(extra_name, label_text, max_size=2)))
+        value = st.one_of(st.sampled_from(values), st.sampled_from(values), sample_value)
+        return labels, draw(st.lists(st.tuples(value, sample_timestamp), min_size=1,
+                                     max_size=3))
+
+    return [(draw(st.sampled_from((1, 2))), [one_series() for _ in range(draw(st.integers(
+        1, 10)))]) for _ in range(draw(st.integers(1, 3)))]
+
+
+def _two_series(metric, first, second, **labels):
+    """One request with two series of one pod and metric, told apart by container."""
+    pod = {'__name__': metric, 'namespace': 'default', 'pod': 'web-0', **labels}
+    return [(1, [({**pod, 'container': 'app'}, [(first, 1)]),
+                 ({**pod, 'container': 'sidecar'}, [(second, 1)])])]
+
+
+@PROPERTY_SETTINGS
+@given(requests=write_requests())
+# Found by this property; kept as examples so every run checks them.
+@example(_two_series('container_memory_usage_bytes', 1.7976931348623157e308,
+                     1.7976931348623157e308))
+@example(_two_series('container_fs_usage_bytes', math.inf, -math.inf))
+@example(_two_series('container_fs_limit_bytes', math.nan, 5.0, device='/dev/vda1'))
+def test_decoder_property_any_labels_and_values_give_the_rules_values_or_a_clean_400(requests):
+    """Any labels and float values: 204, or 400 naming the bad series with the
+    rest applied; /metrics then reads back exactly what the rules compute."""
+    app = fresh_app()
+    for protocol, table in requests:
+        status, headers, body = post(app, table, protocol)
+        bad = sum(1 for labels, _ in table if not labels.get('__name__'))
+        if bad:
+            reason = one_line_reason(status, headers, body)
+            assert status == 400
+            assert reason.startswith(f'{bad} invalid series skipped, first: series with')
+            assert reason.endswith('; the rest was applied')
+        else:
+            assert (status, body) == (204, b'')
+        if protocol == 2:
+            written = sum(len(samples) for labels, samples in table if labels.get('__name__'))
+            assert headers['X-Prometheus-Remote-Write-Samples-Written'] == str(written)
+    got = pod_values_in(scrape(app))
+    expected = expected_pod_values([table for _, table in requests])
+    assert same_values(got, expected), describe_difference(got, expected)
+
+
+
+@st.composite
+def protobuf_ish(draw, depth=0):
+    """Bytes shaped like protobuf: real tags and wire types, random contents, odd lengths."""
+    out = bytearray()
+    for _ in range(draw(st.integers(0, 5))):
+        field = draw(st.one_of(st.integers(1, 6), st.integers(1, 2 ** 29 - 1)))
+        wire = draw(st.sampled_from((0, 1, 2, 2, 2, 5, 3, 4, 6, 7)))
+        out += k8s_exporter._varint(field << 3 | wire)
+        if wire == 0:
+            out += k8s_exporter._varint(draw(st.integers(0, 2 ** 64 - 1)))
+        elif wire in (1, 5):
+            out += draw(st.binary(min_size=8 if wire == 1 else 4, max_size=8 if wire == 1
+                                  else 4))
+        elif wire == 2:
+            if depth < 3 and draw(st.booleans()):
+                inner = draw(protobuf_ish(depth + 1))
+            else:
+                inner = draw(st.one_of(st.binary(max_size=20),
+                                       label_text.map(lambda text: text.encode())))
+            length = len(inner) + draw(st.sampled_from((0, 0, 0, 1, -1, 1000)))
+            out += k8s_exporter._varint(max(length, 0)) + inner
+    return bytes(out)
+
+
+# Seed pods with newer timestamps and other values: applying any part of
+# such a body would show on /metrics.
+SEED_UPDATE = [(labels, [(value + 1, timestamp + 60_000) for value, timestamp in samples])
+               for labels, samples in seed_table()]
+FUZZ_POD_TABLE = [(dict(labels, namespace='fuzz-namespace', pod=f'fuzz-pod-{number}'), samples)
+                  for number, (labels, samples) in enumerate(seed_table())]
+
+
+def flip_bit(data, position):
+    position %= len(data) * 8
+    return data[:position // 8] + bytes([data[position // 8] ^ 1 << position % 8]) + data[
+        position // 8 + 1:]
+
+
+random_body = st.one_of(
+    st.tuples(st.just('raw'), st.binary(max_size=300)),
+    st.tuples(st.just('snappy of random bytes'), st.binary(max_size=300).map(snappy.compress)),
+    st.tuples(st.just('snappy of protobuf-ish bytes'), protobuf_ish().map(snappy.compress)),
+    st.builds(lambda build, cut: ('truncated seed update', build(SEED_UPDATE)[:cut]),
+              st.sampled_from((rw1_body, rw2_body)), st.integers(1, 400)),
+    st.builds(lambda build, bit: ('bit-flipped payload', snappy.compress(flip_bit(
+        build(FUZZ_POD_TABLE, compress=False), bit))),
+        st.sampled_from((rw1_body, rw2_body)), st.integers(0, 2 ** 20)),
+    st.builds(lambda build, cut: ('truncated payload', snappy.compress(
+        build(FUZZ_POD_TABLE, compress=False)[:cut])),
+        st.sampled_from((rw1_body, rw2_body)), st.integers(0, 2000)),
+)
+
+
+def seed_lines(exposition):
+    seed_pods = {pod for _, pod, *_ in SEED_PODS}
+    return {key: value for key, value in read_exposition(exposition).items()
+            if dict(key[1]).get('pod') in seed_pods}
+
+
+@PROPERTY_SETTINGS
+@given(body=random_body, content_type=st.sampled_from((RW1_TYPE, RW2_TYPE)))
+def test_random_bodies_never_5xx_and_refused_ones_leave_the_store_as_it_was(body, content_type):
+    kind, data = body
+    app = fresh_app()
+    assert post(app, seed_table())[0] == 204
+    before = scrape(app)
+    status, headers, response = call_wsgi(app, 'POST', '/write', data, {
+        'Content-Type': content_type, 'Content-Encoding': 'snappy'})
+    after = scrape(app)
+    assert status < 500, (kind, status, response)
+    if status == 204:
+        assert response == b''
+    else:
+        one_line_reason(status, headers, response)
+    if kind not in ('bit-flipped payload', 'truncated payload'):
+        # No fuzz pod inside: nothing may change, whether refused or not.
+        assert pod_families(after) == pod_families(before), kind
+    assert seed_lines(after) == seed_lines(before), kind
+    if kind == 'truncated seed update':
+        assert status == 400
+
+
+###############################################################################
+# cAdvisor series to pods #####################################################
+###############################################################################
+
+@pytest.mark.parametrize('labels, pod, series', [
+    # kubelet >= 1.16, pod cgroup and a container
+    ({'namespace': 'ns', 'pod': 'p', 'container': '', 'id': '/kubepods/burstable/podab-12'},
+     PodKey('k8s-cluster', '', 'ns', 'p'),
+     SeriesKey(True, '', '/kubepods/burstable/podab-12', '', '')),
+    ({'namespace': 'ns', 'pod': 'p', 'container': 'app', 'id': '/kubepods/podab/0f',
+      'image': 'nginx', 'device': '/dev/sda', 'job': 'j', 'cluster': 'east'},
+     PodKey('east', 'j', 'ns', 'p'), SeriesKey(False, 'app', '/kubepods/podab/0f', 'nginx',
+                                               '/dev/sda')),
+    # kubelet < 1.16
+    ({'namespace': 'ns', 'pod_name': 'p', 'container_name': 'POD', 'id': '/kubepods/podab/1'},
+     PodKey('k8s-cluster', '', 'ns', 'p'), SeriesKey(False, 'POD', '/kubepods/podab/1', '', '')),
+    # standalone cAdvisor
+    ({'container_label_io_kubernetes_pod_namespace': 'ns',
+      'container_label_io_kubernetes_pod_name': 'p',
+      'container_label_io_kubernetes_container_name': 'app', 'id': '/docker/0f'},
+     PodKey('k8s-cluster', '', 'ns', 'p'), SeriesKey(False, 'app', '/docker/0f', '', '')),
+    # systemd driver: the pod slice is the pod cgroup, a scope below it is a container
+    ({'namespace': 'ns', 'pod': 'p',
+      'id': '/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podab_12.slice'},
+     PodKey('k8s-cluster', '', 'ns', 'p'),
+     SeriesKey(True, '', '/kubepods.slice/kubepods-besteffort.slice/'
+                         'kubepods-besteffort-podab_12.slice', '', '')),
+    # containerd pause: no container label, but an id one level below the pod
+    ({'namespace': 'ns', 'pod': 'p', 'id': '/kubepods/besteffort/podab/0f0f', 'image': 'pause'},
+     PodKey('k8s-cluster', '', 'ns', 'p'),
+     SeriesKey(False, '', '/kubepods/besteffort/podab/0f0f', 'pause', '')),
+    # no id: the pod cgroup, when there is no container label either
+    ({'namespace': 'ns', 'pod': 'p'}, PodKey('k8s-cluster', '', 'ns', 'p'),
+     SeriesKey(True, '', '', '', '')),
+    # a container label makes a container, whatever the id says
+    ({'namespace': 'ns', 'pod': 'p', 'container': 'app', 'id': '/kubepods/burstable/podab'},
+     PodKey('k8s-cluster', '', 'ns', 'p'),
+     SeriesKey(False, 'app', '/kubepods/burstable/podab', '', '')),
+], ids=['kubelet-pod-cgroup', 'kubelet-container', 'kubelet-legacy', 'standalone-cadvisor',
+        'systemd-pod-slice', 'containerd-pause', 'no-id', 'container-on-a-pod-cgroup-id'])
+def test_pod_identity_in_each_label_convention(labels, pod, series):
+    assert pod_series_identity(labels, 'k8s-cluster') == (pod, series)
+
+
+@pytest.mark.parametrize('labels', [
+    {'id': '/'},
+    {'id': '/system.slice/docker.service'},
+    {'namespace': '', 'pod_name': '', 'container_name': '', 'id': '/kubepods/burstable/podab'},
+    {'name': 'some-docker-container', 'id': '/docker/0f', 'image': 'redis'},
+    {'namespace': 'ns', 'pod': ''},
+    {'pod': 'p', 'container': 'app', 'id': '/kubepods/podab/0f'},
+], ids=['root-cgroup', 'system-service', 'empty-legacy-labels', 'plain-docker', 'empty-pod',
+        'no-namespace'])
+def test_series_without_pod_identity_are_not_exported(labels):
+    assert pod_series_identity(labels, 'k8s-cluster') is None
+
+
+def series_map(*entries):
+    """[(SeriesKey, value), ...] from (pod_cgroup, container, device, value)."""
+    return [(SeriesKey(pod_cgroup, container, f'/{container}', '', device), value)
+            for pod_cgroup, container, device, value in entries]
+
+
+def test_pod_cgroup_series_wins_over_container_sum():
+    series = series_map((True, '', '', 100.0), (False, 'POD', '', 1.0), (False, 'app', '', 2.0))
+    assert pod_value(k8s_exporter.RULE_POD_CGROUP, series) == 100.0
+
+
+def test_without_pod_cgroup_the_containers_are_summed_pause_included():
+    series = series_map((False, 'POD', '', 1.0), (False, 'app', '', 2.0), (False, 'b', '', 4.0))
+    assert pod_value(k8s_exporter.RULE_POD_CGROUP, series) == 7.0
+
+
+def test_fs_usage_sums_containers_and_devices():
+    series = series_map((False, 'POD', '/dev/a', 1.0), (False, 'app', '/dev/a', 2.0),
+                        (False, 'app', '/dev/b', 4.0), (True, '', '/dev/a', 100.0))
+    assert pod_value(k8s_exporter.RULE_SUM, series) == 7.0
+
+
+def test_fs_limit_counts_each_device_once():
+    series = series_map((False, 'POD', '/dev/a', 10.0), (False, 'app', '/dev/a', 12.0),
+                        (False, 'app', '/dev/b', 5.0))
+    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) == 17.0   # the largest a device has
+
+
+def test_fs_limit_of_a_device_ignores_nan_as_promql_max_does():
+    series = series_map((False, 'a', '/dev/a', math.nan), (False, 'b', '/dev/a', 10.0),
+                        (False, 'c', '/dev/a', math.nan))
+    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) == 10.0
+    series += series_map((False, 'd', '/dev/b', math.nan))     # NaN on every series
+    assert math.isnan(pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series))
+
+
+def test_fs_rules_without_container_series_give_no_value():
+    series = series_map((True, '', '/dev/a', 10.0))
+    assert pod_value(k8s_exporter.RULE_SUM, series) is None
+    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) is None
+    assert pod_value(k8s_exporter.RULE_POD_CGROUP, []) is None
+
+
+def test_aggregation_rule_per_metric_name():
+    assert [k8s_exporter.aggregation_rule(name) for name in EXPORTED_METRICS] == [
+        'pod_cgroup', 'device', 'sum', 'pod_cgroup', 'pod_cgroup']
+    assert k8s_exporter.aggregation_rule('container_fs_inodes_total') == 'sum'
+
+
+@pytest.mark.parametrize('values, total', [
+    ([1.0, 2.0], 3.0), ([0.1, 0.2, -0.3], 2.7755575615628914e-17),
+    ([1.7976931348623157e308, 1.7976931348623157e308], math.inf),
+    ([1.7976931348623157e308, 1.7976931348623157e308, -1.7976931348623157e308],
+     1.7976931348623157e308),
+    ([-1.7976931348623157e308, -1e308], -math.inf), ([math.inf, 1.0], math.inf),
+    ([math.inf, -math.inf], math.nan), ([math.nan, 1.0], math.nan), ([], 0.0),
+], ids=['plain', 'correctly-rounded', 'overflow-to-inf', 'overflow-and-back',
+        'overflow-to-minus-inf', 'inf-plus-one', 'inf-minus-inf', 'nan', 'empty'])
+def test_sums_are_correctly_rounded_and_end_as_ieee_addition_would(values, total):
+    # Senders may write any float: a sum never raises, it ends as IEEE
+    # addition would (and the model agrees).
+    assert same_values({0: ieee_sum(values)}, {0: total})
+    assert same_values({0: k8s_exporter.sum_values(values)}, {0: total})
+
+
+def test_a_pod_value_of_minus_zero_is_written_0():
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup='/kubepods/podab'), [(-0.0, 1)]),
+               (cadvisor('container_fs_usage_bytes', 'ns', 'p', 'app', '/kubepods/podab/cc',
+                         device='/dev/a'), [(-0.0, 1)])])
+    assert [line.rpartition(' ')[2] for line in pod_families(scrape(app)).splitlines()
+            if not line.startswith('#')] == ['0', '0']
+
+
+def test_pod_value_through_the_app_pod_cgroup_container_sum_and_fs():
+    app = fresh_app()
+    pod_cgroup = '/kubepods/burstable/pod11111111-2222'
+    table = [
+        (cadvisor('container_memory_usage_bytes', 'ns', 'with-cgroup', cgroup=pod_cgroup),
+         [(1000, 1)]),
+        (cadvisor('container_memory_usage_bytes', 'ns', 'with-cgroup', 'POD',
+                  pod_cgroup + '/aa'), [(10, 1)]),
+        (cadvisor('container_memory_usage_bytes', 'ns', 'with-cgroup', 'app',
+                  pod_cgroup + '/bb'), [(20, 1)]),
+        (cadvisor('container_memory_usage_bytes', 'ns', 'no-cgroup', 'POD', '/x/pod9/aa'),
+         [(10, 1)]),
+        (cadvisor('container_memory_usage_bytes', 'ns', 'no-cgroup', 'app', '/x/pod9/bb'),
+         [(20, 1)]),
+    ]
+    for device, container, usage, limit in (('/dev/a', 'POD', 1, 100), ('/dev/a', 'app', 2, 100),
+                                            ('/dev/b', 'app', 4, 50)):
+        cgroup = f'{pod_cgroup}/{container}'
+        table += [(cadvisor('container_fs_usage_bytes', 'ns', 'with-cgroup', container, cgroup,
+                            device=device), [(usage, 1)]),
+                  (cadvisor('container_fs_limit_bytes', 'ns', 'with-cgroup', container, cgroup,
+                            device=device), [(limit, 1)])]
+    assert post(app, table)[0] == 204
+    values = {(key[0], key[4]): value for key, value in pod_values_in(scrape(app)).items()}
+    assert values == {('container_memory_usage_bytes', 'with-cgroup'): 1000,
+                      ('container_memory_usage_bytes', 'no-cgroup'): 30,
+                      ('container_fs_usage_bytes', 'with-cgroup'): 7,
+                      ('container_fs_limit_bytes', 'with-cgroup'): 150}
+
+
+def test_incoming_cluster_label_wins_and_job_is_kept():
+    app = fresh_app(cluster='default-cluster')
+    table = [(cadvisor('container_memory_usage_bytes', 'ns', 'a', job='kubelet',
+                       cluster='east'), [(1, 1)]),
+             (cadvisor('container_memory_usage_bytes', 'ns', 'b', job='kubelet'), [(2, 1)])]
+    assert post(app, table)[0] == 204
+    assert pod_families(scrape(app)).split('\n')[2:-1] == [
+        'container_memory_usage_bytes{cluster="default-cluster",item="container_memory_usage_'
+        'bytes",job="kubelet",namespace="ns",pod="b"} 2',
+        'container_memory_usage_bytes{cluster="east",item="container_memory_usage_bytes",'
+        'job="kubelet",namespace="ns",pod="a"} 1']
+
+
+###############################################################################
+# Real kubelet captures #######################################################
+###############################################################################
+
+def test_read_capture_adds_only_a_missing_final_newline(tmp_path):
+    without, with_newline = tmp_path / 'without.txt', tmp_path / 'with.txt'
+    without.write_bytes(b'a 1\nb 2')
+    with_newline.write_bytes(b'a 1\nb 2\n')
+    assert read_capture(without) == read_capture(with_newline) == 'a 1\nb 2\n'
+
+
+def test_capture_table_drops_empty_labels_and_adds_name_and_job():
+    samples = [('m', {'container': '', 'id': '/a', 'pod': 'p'}, 2.5),
+               ('m', {'job': 'own'}, 1)]
+    assert capture_table(samples, 'cadvisor', 1234, {'instance': 'node:10250'}) == [
+        ({'__name__': 'm', 'job': 'cadvisor', 'instance': 'node:10250', 'id': '/a', 'pod': 'p'},
+         [(2.5, 1234)]),
+        ({'__name__': 'm', 'job': 'own', 'instance': 'node:10250'}, [(1, 1234)]),
+    ]
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+@pytest.mark.parametrize('capture', ALL_CAPTURES)
+def test_capture_pod_values_match_the_readme_rules(capture, protocol):
+    samples = capture_samples(capture)
+    expected = expected_capture_values(samples)
+    app = fresh_app()
+    post_samples(app, samples, protocol)
+    served = pod_values_in(scrape(app))
+    assert served == expected
+    # Every pod of the capture is there, and only pods: the node's own
+    # cgroups (id="/", qos and system slices) carry no pod identity.
+    pods = {owner[:2] for _, labels, _ in samples
+            if (owner := pod_of(labels))}
+    assert {(namespace, pod) for _, _, _, namespace, pod in served} == pods
+    # Each input series of a pod is held apart: none overwrote another.
+    held = {(name, frozenset((k, v) for k, v in labels.items() if v))
+            for name, labels, _ in samples if name in EXPORTED_METRICS and pod_of(labels)}
+    assert self_metric(scrape(app), 'k8s_exporter_input_series') == len(held)
+
+
+@pytest.mark.parametrize('capture', ALL_CAPTURES)
+def test_capture_series_are_classified_as_the_readme_says(capture):
+    """The exporter's pod-cgroup/container split agrees with ours on every series."""
+    for _, labels, _ in capture_samples(capture):
+        present = {label: text for label, text in labels.items() if text}
+        identity = k8s_exporter.pod_series_identity(present, 'k8s-cluster')
+        owner = pod_of(present)
+        assert (identity is None) == (owner is None), present
+        if identity:
+            pod, series = identity
+            assert (pod.namespace, pod.pod) == owner[:2]
+            assert series.pod_cgroup == is_pod_cgroup_series(present), present
+
+
+# The traps of issue 6, each on the capture that shows it.
+
+def containerd_pod_cgroup_and_pause(samples, metric):
+    """{(namespace, pod): (pod cgroup value, pause value)}; each pod has exactly one of each."""
+    pairs = {}
+    for pod, series in pod_series(samples, metric).items():
+        pod_level = [(labels, value) for labels, value in series if is_pod_cgroup_series(labels)]
+        pause = [(labels, value) for labels, value in series
+                 if 'container' not in labels and not is_pod_cgroup_series(labels)]
+        assert len(pod_level) == 1 and len(pause) == 1, (pod, series)
+        (cgroup_labels, cgroup_value), (pause_labels, pause_value) = pod_level[0], pause[0]
+        # Same labels but for id (and image, name): only the id tells them apart.
+        assert pause_labels['id'].rpartition('/')[0] == cgroup_labels['id']
+        assert 'pause' in pause_labels['image'] and 'image' not in cgroup_labels
+        pairs[pod] = (cgroup_value, pause_value)
+    return pairs
+
+
+@pytest.mark.parametrize('capture', [CAPTURE_KIND_1_16, CAPTURE_MINIKUBE_1_35])
+def test_containerd_pod_value_is_the_pod_cgroup_not_the_pause_container(capture):
+    samples = capture_samples(capture)
+    app = fresh_app()
+    post_samples(app, samples, 1)
+    served = pod_values_in(scrape(app))
+    for metric in ('container_memory_usage_bytes', 'container_memory_max_usage_bytes'):
+        pairs = containerd_pod_cgroup_and_pause(samples, metric)
+        assert by_metric(served, metric) == {pod: cgroup for pod, (cgroup, _) in pairs.items()}
+        # The pause containers use memory, so a sum of the two would differ.
+        assert all(pause > 0 for _, pause in pairs.values()), metric
+
+
+@pytest.mark.parametrize('pause_first', [True, False], ids=['pause-first', 'pod-cgroup-first'])
+@pytest.mark.parametrize('capture', [CAPTURE_KIND_1_16, CAPTURE_MINIKUBE_1_35])
+def test_containerd_pause_and_pod_cgroup_never_overwrite_each_other(capture, pause_first):
+    """Sent apart, in either order and with equal or later timestamps, both series are kept.
+
+    Keyed by (metric, namespace, pod) alone, the second write would either be
+    ignored (equal timestamp) or replace the first (later timestamp).
+    """
+    metric = 'container_memory_usage_bytes'
+    samples = [(name, labels, value) for name, labels, value in capture_samples(capture)
+               if name == metric and pod_of(labels)]
+    pause = [sample for sample in samples
+             if not is_pod_cgroup_series(sample[1]) and not sample[1].get('container')]
+    pod_level = [sample for sample in samples if is_pod_cgroup_series(sample[1])]
+    first, second = (pause, pod_level) if pause_first else (pod_level, pause)
+    app = fresh_app()
+    post_samples(app, first, 2, CAPTURE_TIMESTAMP_MS)
+    post_samples(app, second, 2, CAPTURE_TIMESTAMP_MS + (0 if pause_first else 15_000))
+    pairs = containerd_pod_cgroup_and_pause(samples, metric)
+    assert by_metric(pod_values_in(scrape(app)), metric) == {
+        pod: cgroup for pod, (cgroup, _) in pairs.items()}
+    assert any(cgroup != pause for cgroup, pause in pairs.values())
+    assert self_metric(scrape(app), 'k8s_exporter_input_series') == len(pause) + len(pod_level)
+
+
+def test_systemd_slice_pod_cgroup_wins_over_docker_scopes():
+    samples = capture_samples(CAPTURE_MINIKUBE_1_22)
+    app = fresh_app()
+    post_samples(app, samples, 1)
+    served = pod_values_in(scrape(app))
+    differs = 0
+    for metric in POD_CGROUP_METRICS:
+        expected = {}
+        for pod, series in pod_series(samples, metric).items():
+            slices = [(labels, value) for labels, value in series
+                      if labels['id'].endswith('.slice')]
+            scopes = [(labels, value) for labels, value in series
+                      if labels['id'].endswith('.scope')]
+            assert len(slices) == 1 and len(scopes) == len(series) - 1, series
+            labels, value = slices[0]
+            assert 'container' not in labels and '-pod' in labels['id'].rpartition('/')[2]
+            assert all(labels['id'].startswith(slices[0][0]['id'] + '/docker-')
+                       for labels, _ in scopes)
+            expected[pod] = value
+            differs += value != math.fsum(value for _, value in scopes)
+        assert by_metric(served, metric) == expected
+    # On some pods the slice is not the sum of its scopes: a sum would show.
+    assert differs > 0
+
+
+def legacy_pod_uid(cgroup):
+    """The pod uid of a cgroupfs id, from its pod<uid> segment."""
+    return next(segment[3:] for segment in cgroup.split('/')
+                if segment.startswith('pod') and is_pod_cgroup_id(segment))
+
+
+def test_legacy_unlabelled_pod_cgroup_is_not_linked_pods_use_the_sum_of_containers():
+    samples = capture_samples(CAPTURE_LEGACY_GKE)
+    app = fresh_app()
+    post_samples(app, samples, 2)
+    served = pod_values_in(scrape(app))
+    differs_from_pod_cgroup = differs_without_pause = 0
+    for metric in POD_CGROUP_METRICS:
+        unlabelled = {legacy_pod_uid(labels['id']): value for name, labels, value in samples
+                      if name == metric and is_pod_cgroup_id(labels['id'])
+                      and not labels['pod_name'] and not labels['namespace']}
+        assert len(unlabelled) == 5
+        expected = {}
+        for pod, series in pod_series(samples, metric).items():
+            assert all(labels['container_name'] for labels, _ in series)
+            assert sum(labels['container_name'] == 'POD' for labels, _ in series) == 1
+            uids = {legacy_pod_uid(labels['id']) for labels, _ in series}
+            assert len(uids) == 1
+            expected[pod] = math.fsum(value for _, value in series)
+            differs_from_pod_cgroup += expected[pod] != unlabelled[uids.pop()]
+            differs_without_pause += expected[pod] != math.fsum(
+                value for labels, value in series if labels['container_name'] != 'POD')
+        assert by_metric(served, metric) == expected
+    # A link through the uid would give other values on some pods, and
+    # leaving out the pause container would too.
+    assert differs_from_pod_cgroup > 0
+    assert differs_without_pause > 0
+
+
+@pytest.mark.parametrize('capture', [CAPTURE_KIND_1_16, CAPTURE_MINIKUBE_1_35])
+def test_containerd_pods_have_no_fs_lines_not_zero_not_the_nodes(capture):
+    samples = capture_samples(capture)
+    node_fs = [labels for name, labels, _ in samples if name.startswith('container_fs_')
+               and name in EXPORTED_METRICS]
+    assert node_fs and all(labels['id'] == '/' and not pod_of(labels) for labels in node_fs)
+    app = fresh_app()
+    post_samples(app, samples, 1)
+    status, _, body = call_wsgi(app, 'GET', '/metrics')
+    assert status == 200
+    assert b'container_fs_' not in body
+    served = pod_values_in(scrape(app))
+    pods = {(namespace, pod) for _, _, _, namespace, pod in served}
+    assert len(pods) == len({pod_of(labels)[:2] for _, labels, _ in samples if pod_of(labels)})
+    assert {metric for metric, *_ in served} == set(POD_CGROUP_METRICS)
+
+
+@pytest.mark.parametrize('capture', [CAPTURE_MINIKUBE_1_22, CAPTURE_MINIKUBE_1_35])
+def test_pod_with_only_a_cgroup_and_a_pause_container_is_exported(capture):
+    samples = capture_samples(capture)
+    own = [(name, labels, value) for name, labels, value in samples
+           if labels.get('pod') == 'e2e-container-creating']
+    containers = {labels.get('container', '') for name, labels, _ in own
+                  if not is_pod_cgroup_series(labels)}
+    assert containers == ({'POD'} if capture == CAPTURE_MINIKUBE_1_22 else {''})
+    app = fresh_app()
+    post_samples(app, samples, 2)
+    served = {metric: value for (metric, _, _, _, pod), value in pod_values_in(scrape(app)).items()
+              if pod == 'e2e-container-creating'}
+    expected = {name: value for name, labels, value in own
+                if name in POD_CGROUP_METRICS and is_pod_cgroup_series(labels)}
+    if capture == CAPTURE_MINIKUBE_1_22:
+        # docker gives the pause container fs series, one device each; they are the pod's.
+        fs = [(name, value) for name, labels, value in own
+              if name in ('container_fs_limit_bytes', 'container_fs_usage_bytes')]
+        assert len(fs) == 2
+        expected.update(fs)
+    assert len(expected) == (5 if capture == CAPTURE_MINIKUBE_1_22 else 3)
+    assert served == expected
+
+
+def test_cpu_load_d_average_is_not_taken_for_cpu_load_average():
+    samples = capture_samples(CAPTURE_MINIKUBE_1_35)
+    load_d = [(name, labels, value) for name, labels, value in samples
+              if name == 'container_cpu_load_d_average_10s' and pod_of(labels)]
+    assert load_d
+    app = fresh_app()
+    post_samples(app, load_d, 1)
+    assert pod_values_in(scrape(app)) == {}
+    assert self_metric(scrape(app), 'k8s_exporter_samples_ignored_total',
+                              reason='unexported_metric') == len(load_d)
+    # In the whole capture both families are 0; make the impostor's values
+    # visible so that taking it would change the served cpu load.
+    marked = [(name, labels, 1e9 + number if name == 'container_cpu_load_d_average_10s'
+               else value) for number, (name, labels, value) in enumerate(samples)]
+    app = fresh_app()
+    post_samples(app, marked, 2)
+    served = by_metric(pod_values_in(scrape(app)), 'container_cpu_load_average_10s')
+    assert len(served) == 18 and set(served.values()) == {0}
+
+
+def test_capture_without_final_newline_is_read_whole():
+    path = capture_path(CAPTURE_KIND_1_16)
+    raw = path.read_bytes()
+    assert not raw.endswith(b'\n')
+    text = read_capture(path)
+    assert text.encode() == raw + b'\n'
+    assert read_samples(text)[-1] == ('machine_memory_bytes', {}, 5718659072.0)
+    # Read as it is, the capture is refused rather than cut short.
+    with pytest.raises(ExpositionSyntaxError, match='newline'):
+        read_samples(raw.decode())
+
+
+# pod_series_identity on real ids.
+
+def first_labels(capture, metric, predicate):
+    """The first series of metric in capture matching predicate, empty labels dropped."""
+    for name, labels, _ in _parsed_capture(capture):
+        present = {label: text for label, text in labels.items() if text}
+        if name == metric and predicate(present):
+            return present
+    raise AssertionError(f'no such series of {metric} in {capture}')
+
+
+def identity_of(labels):
+    return k8s_exporter.pod_series_identity(labels, 'k8s-cluster')
+
+
+def _id_matches(pattern):
+    compiled = re.compile(pattern)
+    return lambda labels: compiled.fullmatch(labels.get('id', '')) is not None
+
+
+UID = r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
+SYSTEMD_UID = r'[0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12}'
+
+
+@pytest.mark.parametrize('capture, cgroup_pattern, container, pod_level', [
+    (CAPTURE_EKS_1_21, rf'/kubepods/burstable/pod{UID}', '', True),
+    (CAPTURE_EKS_1_21, rf'/kubepods/besteffort/pod{UID}', '', True),
+    (CAPTURE_EKS_1_21, rf'/kubepods/burstable/pod{UID}/[0-9a-f]{{64}}', 'POD', False),
+    (CAPTURE_EKS_1_21, rf'/kubepods/burstable/pod{UID}/[0-9a-f]{{64}}', 'aws-node', False),
+    (CAPTURE_MINIKUBE_1_22,
+     rf'/kubepods\.slice/kubepods-burstable\.slice/kubepods-burstable-pod{SYSTEMD_UID}\.slice',
+     '', True),
+    (CAPTURE_MINIKUBE_1_22, rf'/kubepods\.slice/kubepods-pod{SYSTEMD_UID}\.slice', '', True),
+    (CAPTURE_MINIKUBE_1_22, rf'/kubepods\.slice/kubepods-pod{SYSTEMD_UID}\.slice'
+                            r'/docker-[0-9a-f]{64}\.scope', 'POD', False),
+    (CAPTURE_KIND_1_16, rf'/kubepods/pod{UID}', '', True),
+    (CAPTURE_KIND_1_16, rf'/kubepods/pod{UID}/[0-9a-f]{{64}}', '', False),
+    (CAPTURE_MINIKUBE_1_35, rf'/kubepods/besteffort/pod{UID}/[0-9a-f]{{64}}', '', False),
+    (CAPTURE_MINIKUBE_1_35, rf'/kubepods/pod{UID}', '', True),
+    (CAPTURE_LEGACY_GKE, rf'/kubepods/burstable/pod{UID}/[0-9a-f]{{64}}', 'POD', False),
+], ids=['eks-burstable-pod', 'eks-besteffort-pod', 'eks-pause', 'eks-container',
+        'minikube-systemd-burstable-pod', 'minikube-systemd-guaranteed-pod',
+        'minikube-systemd-pause', 'kind-pod', 'kind-containerd-pause',
+        'minikube-1.35-containerd-pause', 'minikube-1.35-pod', 'gke-legacy-pause'])
+def test_pod_series_identity_tells_pod_cgroups_by_real_ids(capture, cgroup_pattern, container,
+                                                           pod_level):
+    matches_id = _id_matches(cgroup_pattern)
+    convention = ('container_name', 'pod_name') if capture == CAPTURE_LEGACY_GKE else (
+        'container', 'pod')
+    labels = first_labels(capture, 'container_memory_usage_bytes',
+                          lambda labels: matches_id(labels) and labels.get(convention[1])
+                          and labels.get(convention[0], '') == container)
+    pod, series = identity_of(labels)
+    assert (pod.namespace, pod.pod) == (labels['namespace'], labels[convention[1]])
+    assert series.pod_cgroup is pod_level
+    assert (series.container, series.id) == (container, labels['id'])
+
+
+def test_pod_series_identity_keeps_containerd_pause_apart_from_its_pod_cgroup():
+    pause = first_labels(CAPTURE_KIND_1_16, 'container_memory_usage_bytes',
+                         lambda labels: 'pause' in labels.get('image', ''))
+    cgroup = pause['id'].rpartition('/')[0]
+    pod_level = first_labels(CAPTURE_KIND_1_16, 'container_memory_usage_bytes',
+                             lambda labels: labels.get('id') == cgroup)
+    # The same labels but for id, image and name: only id says which is the pod's cgroup.
+    assert ({k: v for k, v in pause.items() if k not in ('id', 'image', 'name')}
+            == {k: v for k, v in pod_level.items() if k != 'id'})
+    (pause_pod, pause_series), (cgroup_pod, cgroup_series) = map(identity_of, (pause, pod_level))
+    assert pause_pod == cgroup_pod
+    assert pause_series != cgroup_series
+    assert (pause_series.pod_cgroup, cgroup_series.pod_cgroup) == (False, True)
+
+
+def test_pod_series_identity_gives_legacy_unlabelled_pod_cgroup_no_pod():
+    unlabelled = first_labels(CAPTURE_LEGACY_GKE, 'container_memory_usage_bytes',
+                              _id_matches(rf'/kubepods/burstable/pod{UID}'))
+    assert not {'pod_name', 'namespace', 'container_name'} & set(unlabelled)
+    assert identity_of(unlabelled) is None
 
 
 ###############################################################################
@@ -2821,6 +2889,32 @@ def test_cri_stats_mode_pods_get_the_sum_of_their_current_containers(protocol):
         '3b1f0c9e5d2a': False, '9f2e7a1b4c3d': True, '5a6b7c8d9e0f': True}
 
 
+###############################################################################
+# The seed ####################################################################
+###############################################################################
+
+@pytest.mark.parametrize('protocol', [1, 2])
+def test_seed_exposition_is_reproduced_byte_for_byte(protocol):
+    app = fresh_app()
+    status, headers, body = post(app, seed_table(), protocol)
+    assert (status, body) == (204, b'')
+    if protocol == 2:
+        assert headers['X-Prometheus-Remote-Write-Samples-Written'] == str(len(seed_table()))
+    status, headers, body = call_wsgi(app, 'GET', '/metrics')
+    assert (status, headers['Content-Type']) == (200, 'text/plain; version=0.0.4; charset=utf-8')
+    assert pod_families(body.decode()) == SEED_EXPOSITION
+
+
+def test_seed_exposition_in_this_file_is_the_seeds_own_block():
+    if not SEED_FILE.exists():
+        pytest.skip(f'{SEED_FILE} not present')
+    seed_lines = [line.strip() for line in SEED_FILE.read_text(encoding='utf-8').splitlines()]
+    start = seed_lines.index('# HELP container_cpu_load_average_10s Average load of '
+                             'container CPU over the past 10 seconds')
+    block = [line for line in seed_lines[start:] if line.startswith(
+        ('container_', '# HELP container_', '# TYPE container_'))]
+    assert '\n'.join(block) + '\n' == SEED_EXPOSITION
+
 
 ###############################################################################
 # Exposition ##################################################################
@@ -3323,700 +3417,6 @@ def test_concurrent_decodes_are_bounded_by_the_configured_slots():
     app.decode_slots.release()
     thread.join(timeout=10)
     assert result == [204]
-
-
-###############################################################################
-# Authentication ##############################################################
-###############################################################################
-
-def basic(user_password):
-    return 'Basic ' + base64.b64encode(user_password.encode()).decode()
-
-
-@pytest.fixture
-def secured_app(tmp_path):
-    (tmp_path / 'write-token').write_text('s3cret-write\n')
-    (tmp_path / 'write-users').write_text('prometheus1:pw1\nbackup:pw2\n')
-    (tmp_path / 'metrics-token').write_text('s3cret-read')
-    config = Config.from_environ({
-        'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': str(tmp_path / 'write-token'),
-        'K8S_EXPORTER_WRITE_BASIC_AUTH_FILE': str(tmp_path / 'write-users'),
-        'K8S_EXPORTER_METRICS_BEARER_TOKEN_FILE': str(tmp_path / 'metrics-token')})
-    return Exporter(config)
-
-
-@pytest.mark.parametrize('authorization', [
-    'Bearer s3cret-write', 'bearer s3cret-write', basic('prometheus1:pw1'), basic('backup:pw2')],
-    ids=['bearer', 'bearer-lower-case', 'basic-first-user', 'basic-second-user'])
-def test_write_accepts_the_configured_bearer_token_or_basic_auth(secured_app, authorization):
-    assert post(secured_app, seed_table(), Authorization=authorization)[0] == 204
-
-
-@pytest.mark.parametrize('authorization', [
-    None, 'Bearer wrong', 'Bearer s3cret-read', basic('prometheus1:pw2'), basic('nobody:pw1'),
-    'Basic !!notbase64', 'Digest s3cret-write', 'Bearer', ''],
-    ids=['no-header', 'wrong-token', 'the-metrics-token', 'wrong-password', 'unknown-user',
-         'bad-base64', 'digest', 'bearer-without-token', 'empty-header'])
-def test_write_with_missing_or_wrong_credentials_is_401_with_a_challenge(secured_app,
-                                                                        authorization):
-    headers = {'Authorization': authorization} if authorization is not None else {}
-    status, response_headers, body = call_wsgi(secured_app, 'POST', '/write',
-                                               rw1_body(seed_table()), headers)
-    assert (status, body) == (401, b'missing or wrong credentials\n')
-    assert secured_app.store.snapshot().series_count == 0
-
-
-def test_401_lists_every_accepted_scheme_and_is_counted(secured_app):
-    environ_headers = []
-
-    def start_response(status, headers, exc_info=None):
-        environ_headers.extend(headers)
-
-    secured_app({'REQUEST_METHOD': 'POST', 'PATH_INFO': '/write', 'wsgi.input': io.BytesIO()},
-                start_response)
-    assert [value for name, value in environ_headers if name == 'WWW-Authenticate'] == [
-        'Bearer realm="k8s_exporter"', 'Basic realm="k8s_exporter", charset="UTF-8"']
-    page = call_wsgi(secured_app, 'GET', '/metrics',
-                     headers={'Authorization': 'Bearer s3cret-read'})[2].decode()
-    assert 'k8s_exporter_http_requests_total{code="401",handler="write"} 1\n' in page
-
-
-def test_metrics_auth_is_separate_and_health_stays_open(secured_app):
-    assert call_wsgi(secured_app, 'GET', '/metrics')[0] == 401
-    assert call_wsgi(secured_app, 'GET', '/metrics',
-                     headers={'Authorization': 'Bearer s3cret-write'})[0] == 401
-    assert call_wsgi(secured_app, 'GET', '/metrics',
-                     headers={'Authorization': 'Bearer s3cret-read'})[0] == 200
-    assert call_wsgi(secured_app, 'GET', '/-/healthy')[0] == 200
-    assert call_wsgi(secured_app, 'GET', '/-/ready')[0] == 200
-
-
-def test_credentials_never_appear_in_the_config_repr(secured_app):
-    assert 's3cret' not in repr(secured_app.config) and 'pw1' not in repr(secured_app.config)
-
-
-@pytest.mark.parametrize('content, message', [
-    (None, "K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE='{path}': cannot read: "
-           "No such file or directory"),
-    ('\n\n', "K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE='{path}': file is empty"),
-], ids=['missing-file', 'blank-lines'])
-def test_unreadable_or_empty_secret_file_stops_start_up(tmp_path, content, message):
-    path = tmp_path / 'token'
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(ConfigError) as raised:
-        Config.from_environ({'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': str(path)})
-    assert str(raised.value) == message.format(path=path)
-
-
-def test_basic_auth_file_lines_must_be_user_colon_password(tmp_path):
-    (tmp_path / 'users').write_text('just-a-user\n')
-    with pytest.raises(ConfigError) as raised:
-        Config.from_environ({'K8S_EXPORTER_METRICS_BASIC_AUTH_FILE': str(tmp_path / 'users')})
-    assert str(raised.value) == ('K8S_EXPORTER_METRICS_BASIC_AUTH_FILE: every line must be '
-                                 'user:password')
-
-
-###############################################################################
-# Pages: the status page, /pods, and how one pod's value was made #############
-###############################################################################
-
-# Label values that break a page written without escaping: a script that
-# would retitle the page, and quotes and an ampersand that would end an
-# attribute early.
-INJECTED_POD = '<script>document.title="INJECTED"</script>'
-INJECTED_NAMESPACE = 'ns" onclick="x&y\''
-
-
-def page(app, path, status=200, **headers):
-    """The text of an HTML page of the app, checked to be one."""
-    code, response_headers, body = call_wsgi(app, 'GET', path, headers=headers)
-    assert code == status, (code, body[:300])
-    assert response_headers['Content-Type'] == 'text/html; charset=utf-8'
-    assert response_headers['Content-Security-Policy'] == (
-        "default-src 'none'; style-src 'unsafe-inline'")
-    text = body.decode()
-    assert f'<span class="version">k8s_exporter {k8s_exporter.__version__}</span>' in text
-    return text
-
-
-def table_rows(text):
-    """The cells' text of every table row with cells, as a reader sees it."""
-    return [[html.unescape(re.sub(r'<[^>]*>', '', cell_html)) for cell_html in re.findall(
-                r'<td[^>]*>(.*?)</td>', row)]
-            for row in re.findall(r'<tr[^>]*>(.*?)</tr>', text) if '<td' in row]
-
-
-def pod_rows(text):
-    """(cluster, job, namespace, pod) of each row of a /pods page."""
-    return [tuple(cells[:4]) for cells in table_rows(text)]
-
-
-def test_status_page_shows_version_store_and_the_configuration_in_force():
-    app = fresh_app(max_series=100, cluster='east')
-    post(app, seed_table())
-    text = page(app, '/')
-    assert '<title>Status - k8s_exporter</title>' in text
-    rows = table_rows(text)
-    assert ['pods', '5'] in rows and ['input series', '25'] in rows
-    assert ['series limit (K8S_EXPORTER_MAX_SERIES)', '25 of 100 held (25.0%)'] in rows
-    assert ['K8S_EXPORTER_CLUSTER', 'east'] in rows
-    assert ['write authentication', 'off'] in rows
-    assert any(row[0] == 'resident memory' and row[1].endswith(' MiB') for row in rows)
-    assert '<a href="metrics">/metrics</a>' in text and '<a href="pods">' in text
-    assert '<a href="-/healthy">/-/healthy</a>' in text
-
-
-def test_status_page_says_whether_authentication_is_on_never_the_secret(secured_app):
-    text = page(secured_app, '/', Authorization='Bearer s3cret-read')
-    rows = table_rows(text)
-    assert ['write authentication', 'on'] in rows
-    assert ['/metrics and pages authentication', 'on'] in rows
-    assert 's3cret' not in text and 'pw1' not in text
-
-
-def test_status_page_has_a_row_per_sender_with_pods_series_rate_and_last_write():
-    app = fresh_app()
-    post(app, seed_table(job='a'))                       # 25 kept samples of 5 pods
-    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD, job='b', cluster='west'),
-                [(1.0, 1000), (2.0, 2000), (3.0, 3000)])])
-    rows = [row for row in table_rows(page(app, '/')) if len(row) == 6]
-    # Exported samples per second: those of the last minute over 60 s.
-    assert [row[:5] for row in rows] == [['k8s-cluster', 'a', '5', '25', '0.4'],
-                                         ['west', 'b', '1', '1', '0.1']]
-    assert all(re.fullmatch(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(\d+ s ago\)', row[5])
-               for row in rows), rows
-
-
-def test_status_page_counts_what_no_sender_row_can_hold_in_total():
-    app = fresh_app()
-    post(app, seed_table())
-    text = page(app, '/')
-    assert ('All senders: 27 samples received of every metric; not kept: future_timestamp 0, '
-            'invalid_series 0, no_pod 1, out_of_order 0, series_limit 0, '
-            'unexported_metric 1;') in text
-
-
-def test_status_page_lists_the_last_20_refused_writes_newest_first():
-    app = fresh_app()
-    for number in range(22):
-        assert call_wsgi(app, 'POST', '/write', b'x',
-                         {'Content-Type': f'text/x-{number}'})[0] == 415
-    assert post(app, [({'__name__': MEMORY, 'pod': 'p'}, [(1, 1)])])[0] == 204
-    rows = [row for row in table_rows(page(app, '/')) if len(row) == 4]
-    assert len(rows) == 20
-    assert [row[2:] for row in rows[:2]] == [
-        ['', "unsupported Content-Type 'text/x-21'; expected application/x-protobuf"],
-        ['', "unsupported Content-Type 'text/x-20'; expected application/x-protobuf"]]
-    assert rows[-1][3].startswith("unsupported Content-Type 'text/x-2'")
-    assert {row[1] for row in rows} == {'415'}
-
-
-def test_status_page_lists_a_401_and_a_400_with_its_reason(secured_app):
-    call_wsgi(secured_app, 'POST', '/write', rw1_body(seed_table()))
-    post(secured_app, [({'job': 'j'}, [(1, 1)])], Authorization='Bearer s3cret-write')
-    rows = [row for row in table_rows(page(secured_app, '/', Authorization='Bearer s3cret-read'))
-            if len(row) == 4]
-    assert [row[1:] for row in rows] == [
-        ['400', '', '1 invalid series skipped, first: series with no __name__ label; '
-                    'the rest was applied'],
-        ['401', '', 'missing or wrong credentials']]
-
-
-def test_pods_page_lists_every_pod_in_output_order_with_its_values():
-    app = fresh_app()
-    post(app, seed_table(job='b'))
-    post(app, seed_table(job='a')[:3])
-    text = page(app, '/pods')
-    assert pod_rows(text) == [('k8s-cluster', 'a', 'default', SEED_PODS[0][1])] + [
-        ('k8s-cluster', 'b', namespace, pod) for namespace, pod, *_ in SEED_PODS]
-    assert table_rows(text)[-1][4:] == ['0', '4.2090070016e+10', '1.28868352e+08',
-                                        '5.771784192e+09', '266240']
-    assert table_rows(text)[0][4:] == ['0', '-', '-', '4.38272e+06', '229376']
-    assert ('<a href="pod?namespace=monitoring&amp;pod=prometheus-69757bb88f-w98vk">'
-            'prometheus-69757bb88f-w98vk</a>') in text
-    assert '<p>6 pods held, 6 match; 1 to 6 shown.</p>' in text
-
-
-@pytest.mark.parametrize('query, pods', [
-    ('namespace=monitor', ['prometheus-69757bb88f-w98vk']),
-    ('pod=nginx', ['nginx-deployment-585449566-lnknq', 'nginx-deployment-585449566-m8mws',
-                   'nginx-deployment-585449566-n7ltf']),
-    ('namespace=default&pod=task', ['task-pv-pod']),
-    ('namespace=default&pod=prometheus', []),
-    ('namespace=&pod=', [pod for _, pod, *_ in SEED_PODS]),
-], ids=['namespace', 'pod', 'both', 'no-match', 'empty'])
-def test_pods_page_filters_by_namespace_and_pod_substring(query, pods):
-    app = fresh_app()
-    post(app, seed_table())
-    assert [row[3] for row in pod_rows(page(app, '/pods?' + query))] == pods
-
-
-def many_pods_table(count, namespace='ns'):
-    return [(cadvisor(MEMORY, namespace, f'pod-{number:05d}', cgroup=POD_UID_OLD), [(number, 1)])
-            for number in range(count)]
-
-
-def test_pods_page_shows_500_rows_a_page_with_links_to_the_others():
-    app = fresh_app()
-    post(app, many_pods_table(1201))
-    first = page(app, '/pods')
-    assert [row[3] for row in pod_rows(first)] == [f'pod-{n:05d}' for n in range(500)]
-    assert ('<p>page 1 of 3: <span class="muted">first</span> <span class="muted">previous'
-            '</span> <a href="pods?page=2">next</a> <a href="pods?page=3">last</a></p>') in first
-    second = page(app, '/pods?page=2')
-    assert [row[3] for row in pod_rows(second)] == [f'pod-{n:05d}' for n in range(500, 1000)]
-    assert '<a href="pods">first</a> <a href="pods">previous</a>' in second
-    assert [row[3] for row in pod_rows(page(app, '/pods?page=3'))] == [
-        f'pod-{n:05d}' for n in range(1000, 1201)]
-    # Past the end: the last page.
-    assert '<p>page 3 of 3:' in page(app, '/pods?page=9')
-
-
-def test_pods_page_links_keep_the_filter():
-    app = fresh_app()
-    post(app, many_pods_table(600, namespace='a b&c'))
-    text = page(app, '/pods?namespace=a%20b%26c&pod=pod-')
-    assert '<a href="pods?namespace=a%20b%26c&amp;pod=pod-&amp;page=2">next</a>' in text
-    assert '<input name="namespace" value="a b&amp;c">' in text
-
-
-@pytest.mark.parametrize('number', ['0', '-1', 'two', '1.5', ''])
-def test_pods_page_number_must_be_a_positive_integer(number):
-    status, headers, body = call_wsgi(fresh_app(), 'GET', f'/pods?page={number}')
-    assert one_line_reason(status, headers, body) == (
-        f'page must be a positive integer, not {number!r}')
-    assert headers['X-Content-Type-Options'] == 'nosniff'
-
-
-def explained(text):
-    """{h3 heading: [(kind, container, id, device, value, counted)]} of a /pod page."""
-    sections = {}
-    for heading, table in re.findall(r'<h3>(.*?)</h3>.*?<table>(.*?)</table>', text, re.S):
-        sections[heading] = [(kind, container, cgroup, device, value, counted)
-                             for kind, container, cgroup, _, device, value, _, _, counted
-                             in table_rows(table)]
-    return sections
-
-
-def test_pod_page_shows_per_metric_the_value_the_rule_and_why_each_series_counts_or_not():
-    app = fresh_app()
-    pod_cgroup = POD_UID_OLD
-    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=pod_cgroup), [(7000, 1000)]),
-               (cadvisor(MEMORY, 'ns', 'p', 'app', f'{pod_cgroup}/c1'), [(5000, 1000)]),
-               (cadvisor(MEMORY, 'ns', 'p', '', f'{pod_cgroup}/pause'), [(500, 1000)]),
-               (cadvisor(FS_USAGE, 'ns', 'p', 'app', f'{pod_cgroup}/c1', device='/dev/a'),
-                [(300, 1000)]),
-               (cadvisor(FS_USAGE, 'ns', 'p', 'log', f'{pod_cgroup}/l1', device='/dev/a'),
-                [(40, 1000)])])
-    # app restarts as c2; log ends at its stale marker.
-    post(app, [(cadvisor(FS_USAGE, 'ns', 'p', 'app', f'{pod_cgroup}/c2', device='/dev/a'),
-                [(20, 2000)]),
-               (cadvisor(FS_USAGE, 'ns', 'p', 'log', f'{pod_cgroup}/l1', device='/dev/a'),
-                [(STALE_NAN, 2000)])])
-    text = page(app, '/pod?namespace=ns&pod=p')
-    assert '<title>Pod ns/p - k8s_exporter</title>' in text
-    assert '<h2>cluster k8s-cluster, job kubernetes-cadvisor</h2>' in text
-    assert explained(text) == {
-        f'{FS_USAGE} = 20': [
-            ('container', 'app', f'{pod_cgroup}/c2', '/dev/a', '20', 'counted'),
-            ('container', 'app', f'{pod_cgroup}/c1', '/dev/a', '300',
-             'no: replaced by a newer series of the same container'),
-            ('container', 'log', f'{pod_cgroup}/l1', '/dev/a', '40', 'no: ended by a stale marker'),
-        ],
-        f'{MEMORY} = 7000': [
-            ('pod cgroup', '', pod_cgroup, '', '7000', 'counted'),
-            ('pause container', '', f'{pod_cgroup}/pause', '', '500', 'no: pod cgroup preferred'),
-            ('container', 'app', f'{pod_cgroup}/c1', '', '5000', 'no: pod cgroup preferred'),
-        ],
-    }
-    assert ('<p class="muted">rule: the pod cgroup series if there is one, else the sum of the '
-            'containers</p>') in text
-    assert '<td>1970-01-01 00:00:02Z</td>' in text
-
-
-def test_pod_page_without_a_pod_cgroup_counts_the_sum_pause_included():
-    app = fresh_app(metrics=(MEMORY,))
-    post(app, [(cadvisor(MEMORY, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1'), [(5000, 1000)]),
-               (cadvisor(MEMORY, 'ns', 'p', 'POD', f'{POD_UID_OLD}/pause'), [(500, 1000)])])
-    assert explained(page(app, '/pod?namespace=ns&pod=p')) == {f'{MEMORY} = 5500': [
-        ('pause container', 'POD', f'{POD_UID_OLD}/pause', '', '500', 'counted'),
-        ('container', 'app', f'{POD_UID_OLD}/c1', '', '5000', 'counted')]}
-
-
-def test_pod_page_counts_each_fs_device_once_at_its_largest_limit():
-    limit = 'container_fs_limit_bytes'
-    app = fresh_app(metrics=(limit,))
-    post(app, [(cadvisor(limit, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', device='/dev/a'),
-                [(100, 1000)]),
-               (cadvisor(limit, 'ns', 'p', 'log', f'{POD_UID_OLD}/l1', device='/dev/a'),
-                [(90, 1000)]),
-               (cadvisor(limit, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', device='/dev/b'),
-                [(7, 1000)])])
-    assert explained(page(app, '/pod?namespace=ns&pod=p')) == {f'{limit} = 107': [
-        ('container', 'app', f'{POD_UID_OLD}/c1', '/dev/a', '100', 'counted'),
-        ('container', 'app', f'{POD_UID_OLD}/c1', '/dev/b', '7', 'counted'),
-        ('container', 'log', f'{POD_UID_OLD}/l1', '/dev/a', '90',
-         'no: its device counts once, at the largest limit reported for it')]}
-
-
-def test_pod_page_explains_a_counter_across_a_restart_the_sandbox_network_and_the_pod_limit():
-    cpu, network = 'container_cpu_usage_seconds_total', 'container_network_receive_bytes_total'
-    limit = 'container_spec_memory_limit_bytes'
-    app = fresh_app(metrics=(cpu, network, limit))
-    c1, c2, pause = f'{POD_UID_OLD}/c1', f'{POD_UID_OLD}/c2', f'{POD_UID_OLD}/pause'
-    post(app, [(cadvisor(cpu, 'ns', 'p', 'app', c1, cpu='total'), [(10, 1000)]),
-               (cadvisor(network, 'ns', 'p', 'POD', pause, interface='eth0'), [(500, 1000)]),
-               (cadvisor(network, 'ns', 'p', 'app', c1, interface='eth0'), [(500, 1000)]),
-               (cadvisor(limit, 'ns', 'p', cgroup=POD_UID_OLD), [(2**30, 1000)]),
-               (cadvisor(limit, 'ns', 'p', 'app', c1), [(2**29, 1000)])])
-    post(app, [(cadvisor(cpu, 'ns', 'p', 'app', c2, cpu='total'), [(3, 2000)])])
-    text = page(app, '/pod?namespace=ns&pod=p')
-    assert explained(text) == {
-        f'{cpu} = 13': [
-            ('container', 'app', c1, 'total', '10',
-             'counted: an earlier run of the container; a counter keeps its last value'),
-            ('container', 'app', c2, 'total', '3', 'counted')],
-        f'{network} = 500': [
-            ('pause container', 'POD', pause, 'eth0', '500', 'counted'),
-            ('container', 'app', c1, 'eth0', '500', "no: the network is the sandbox's")],
-        f'{limit} = 1.073741824e+09': [
-            ('pod cgroup', '', POD_UID_OLD, '', '1.073741824e+09', 'counted'),
-            ('container', 'app', c1, '', '5.36870912e+08', 'no: pod cgroup preferred')],
-    }
-    assert k8s_exporter.COUNTER_TEXT in html.unescape(text)
-
-
-def test_pod_page_shows_a_re_created_pod_and_every_job_holding_it():
-    app = fresh_app(metrics=(MEMORY,))
-    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)]),
-               (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 2000)]),
-               (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW, job='other'), [(9, 2000)]),
-               (cadvisor(MEMORY, 'ns', 'q', cgroup=POD_UID_NEW), [(1, 2000)])])
-    text = page(app, '/pod?namespace=ns&pod=p')
-    assert re.findall(r'<h2>(.*?)</h2>', text) == ['cluster k8s-cluster, job kubernetes-cadvisor',
-                                                   'cluster k8s-cluster, job other']
-    assert list(explained(text)) == [f'{MEMORY} = 1200', f'{MEMORY} = 9']
-    assert explained(text)[f'{MEMORY} = 1200'][1] == (
-        'pod cgroup', '', POD_UID_OLD, '', '7000',
-        'no: replaced by a newer pod cgroup (the pod was re-created)')
-
-
-@pytest.mark.parametrize('query, status, reason', [
-    ('namespace=ns&pod=nope', 404, "no pod ns/nope is held; see /pods"),
-    ('namespace=n&pod=p', 404, "no pod n/p is held; see /pods"),
-    ('namespace=ns', 400, 'namespace and pod are both required, as in /pod?namespace=NS&pod=P'),
-    ('', 400, 'namespace and pod are both required, as in /pod?namespace=NS&pod=P'),
-], ids=['unknown-pod', 'namespace-is-exact', 'no-pod', 'nothing'])
-def test_pod_page_of_an_unknown_pod_is_404_and_without_a_name_400(query, status, reason):
-    app = fresh_app()
-    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)])])
-    code, headers, body = call_wsgi(app, 'GET', '/pod?' + query)
-    assert (code, one_line_reason(code, headers, body)) == (status, reason)
-
-
-def test_pod_page_shows_any_timestamp_a_sender_can_write():
-    app = fresh_app(metrics=(MEMORY,))
-    # Samples far ahead of the clock are refused; any time before it is kept.
-    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(1, -2**63)]),
-               (cadvisor(MEMORY, 'ns', 'p', 'b', f'{POD_UID_OLD}/b'), [(3, -5000)])])
-    rows = table_rows(page(app, '/pod?namespace=ns&pod=p'))
-    assert [row[6] for row in rows] == ['-292275055-05-16 16:47:04Z', '1969-12-31 23:59:55Z']
-
-
-def test_every_page_escapes_script_and_quotes_in_label_values_and_the_query():
-    app = fresh_app()
-    post(app, [(cadvisor(MEMORY, INJECTED_NAMESPACE, INJECTED_POD, '<b>c</b>',
-                         '/kubepods/pod1"/x', image='img"><script>x()</script>'), [(1, 1000)])])
-    escaped_pod = '&lt;script&gt;document.title=&quot;INJECTED&quot;&lt;/script&gt;'
-    escaped_namespace = 'ns&quot; onclick=&quot;x&amp;y&#x27;'
-    pods = page(app, '/pods')
-    assert pod_rows(pods) == [('k8s-cluster', 'kubernetes-cadvisor', INJECTED_NAMESPACE,
-                               INJECTED_POD)]
-    query = urllib.parse.urlencode({'namespace': INJECTED_NAMESPACE, 'pod': INJECTED_POD},
-                                   quote_via=urllib.parse.quote)
-    assert f'<a href="pod?{query.replace("&", "&amp;")}">{escaped_pod}</a>' in pods
-    one = page(app, '/pod?' + query)
-    assert f'<title>Pod {escaped_namespace}/{escaped_pod} - k8s_exporter</title>' in one
-    assert '<td>&lt;b&gt;c&lt;/b&gt;</td>' in one
-    assert 'img&quot;&gt;&lt;script&gt;x()&lt;/script&gt;' in one
-    # The filter is shown back in its inputs.
-    filtered = page(app, '/pods?' + query)
-    assert f'<input name="namespace" value="{escaped_namespace}">' in filtered
-    assert f'<input name="pod" value="{escaped_pod}">' in filtered
-    for text in (pods, one, filtered, page(app, '/')):
-        assert '<script' not in text and 'INJECTED"' not in text and '<b>' not in text
-
-
-def test_a_refusal_reason_on_the_status_page_is_escaped():
-    app = fresh_app()
-    call_wsgi(app, 'POST', '/write', b'x', {'Content-Type': '<script>x()</script>'})
-    text = page(app, '/')
-    assert ("unsupported Content-Type &#x27;&lt;script&gt;x()&lt;/script&gt;&#x27;; "
-            "expected application/x-protobuf") in text
-    assert '<script' not in text
-
-
-@pytest.mark.parametrize('path', ['/', '/pods', '/pod?namespace=default&pod=task-pv-pod'])
-def test_pages_sit_behind_the_metrics_credentials(secured_app, path):
-    post(secured_app, seed_table(), Authorization='Bearer s3cret-write')
-    for authorization in (None, 'Bearer s3cret-write', 'Bearer wrong'):
-        headers = {'Authorization': authorization} if authorization else {}
-        assert call_wsgi(secured_app, 'GET', path, headers=headers)[:3:2] == (
-            401, b'missing or wrong credentials\n')
-    page(secured_app, path, Authorization='Bearer s3cret-read')
-
-
-@pytest.mark.parametrize('path', ['/', '/pods', '/pod?namespace=ns&pod=p'])
-def test_a_page_is_rendered_with_the_store_unlocked(path, monkeypatch):
-    # A write started from inside the rendering must finish: the store's
-    # lock is not reentrant, so it would wait for ever if the page held it.
-    app = fresh_app()
-    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(1, 1000)])])
-    finished = []
-
-    def write_while_rendering(render):
-        def rendering(*args, **kwargs):
-            writer = threading.Thread(target=lambda: finished.append(
-                post(app, [(cadvisor(MEMORY, 'ns', 'w', cgroup=POD_UID_NEW), [(2, 1000)])])[0]))
-            writer.start()
-            writer.join(timeout=10)
-            return render(*args, **kwargs)
-        return rendering
-
-    for name in ('render_status_page', 'render_pods_page', 'render_pod_page'):
-        monkeypatch.setattr(k8s_exporter, name,
-                            write_while_rendering(getattr(k8s_exporter, name)))
-    page(app, path)
-    assert finished == [204]
-
-
-@pytest.mark.parametrize('path, status', [('/', 200), ('/pods', 200), ('/pod', 400)])
-def test_pages_answer_head_without_a_body_and_refuse_post(path, status):
-    app = fresh_app()
-    code, headers, body = call_wsgi(app, 'HEAD', path)
-    assert (code, body) == (status, b'') and int(headers['Content-Length']) > 0
-    assert call_wsgi(app, 'POST', path)[0] == 405
-
-
-@PROPERTY_SETTINGS
-@given(path=st.sampled_from(['/', '/pods', '/pod']),
-       query=st.text(alphabet=st.characters(max_codepoint=0xFF), max_size=60))
-def test_any_query_string_gets_a_page_or_a_one_line_refusal(path, query):
-    app = fresh_app()
-    post(app, seed_table())
-    status, headers, body = call_wsgi(app, 'GET', f'{path}?{query}')
-    if status == 200:
-        assert headers['Content-Type'] == 'text/html; charset=utf-8'
-    else:
-        assert status in (400, 404) and one_line_reason(status, headers, body)
-
-
-def test_a_query_that_is_not_utf8_filters_by_its_replacement_character():
-    app = fresh_app()
-    post(app, [(cadvisor(MEMORY, 'ns\ufffd', 'p', cgroup=POD_UID_OLD), [(1, 1000)]),
-               (cadvisor(MEMORY, 'ns', 'q', cgroup=POD_UID_OLD), [(1, 1000)])])
-    text = page(app, '/pods?namespace=ns%FF')
-    assert [row[2:4] for row in pod_rows(text)] == [('ns\ufffd', 'p')]
-
-
-###############################################################################
-# Bad input, property-based ###################################################
-###############################################################################
-
-# Any NaN but the stale marker is an ordinary value.
-NAN_VARIANTS = [float_of_bits(bits) for bits in (
-    0x7FF8000000000000, 0x7FF8000000000001, 0xFFF8000000000000, 0x7FF0000000000001,
-    0x7FF4000000000000, STALE_NAN_BITS)]
-sample_value = st.one_of(
-    st.sampled_from([STALE_NAN, STALE_NAN, *NAN_VARIANTS, math.inf, -math.inf, -0.0, 0.0,
-                     5e-324, -5e-324, 2.2250738585072014e-308, 1.7976931348623157e308,
-                     -1.7976931348623157e308, 1e300, -1e-300, 0.1, 4096.0]),
-    st.floats(),
-    st.integers(-2 ** 53, 2 ** 53).map(float))
-EXTREME_VALUES = [math.inf, -math.inf, 1.7976931348623157e308, -1.7976931348623157e308, 1e308,
-                  math.nan, STALE_NAN]
-# Up to 2004: samples stamped ahead of the clock are refused (their own test).
-sample_timestamp = st.one_of(st.integers(0, 4), st.integers(-2 ** 63, 2 ** 40))
-CGROUPS = ['/', '/kubepods/burstable/pod0a1b-2c3d', '/kubepods/burstable/pod0a1b-2c3d/4e5f',
-           '/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b_2c3d.slice',
-           '/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b_2c3d.slice/'
-           'cri-containerd-4e5f.scope', 'pod12\n', 'xpod12', 'a-podG', 'pod']
-MEANINGFUL = {'__name__', 'cluster', 'job', 'id', 'image', 'device',
-              *(name for convention in README_POD_CONVENTIONS for name in convention)}
-
-
-@st.composite
-def write_requests(draw):
-    """1-3 requests (protocol, table) over 1-3 pods and a few values, so series of
-    one pod and metric meet, overwrite each other and sum."""
-    def pool(*fixed):
-        return list(fixed) + draw(st.lists(label_text, min_size=1, max_size=2))
-
-    def pod_identity():
-        labels = {}
-        conventions = draw(st.lists(st.sampled_from(README_POD_CONVENTIONS), min_size=1, max_size=2,
-                                    unique=True))
-        for namespace_label, pod_label, _ in conventions:
-            # Now and then an empty or missing name: a series without a pod.
-            for name, values in ((namespace_label, namespaces), (pod_label, pods)):
-                if draw(st.integers(0, 7)):
-                    labels[name] = draw(st.sampled_from(values))
-        for name, values in (('cluster', pool('', 'c1')), ('job', pool('', 'kubelet'))):
-            if draw(st.booleans()):
-                labels[name] = draw(st.sampled_from(values))
-        return labels, conventions[0][2]
-
-    namespaces, pods = pool('default'), pool('web-0')
-    identities = [pod_identity() for _ in range(draw(st.integers(1, 3)))]
-    containers, cgroups, devices = pool('', 'POD', 'app'), pool('', *CGROUPS), pool('', 'sda')
-    # A few values per example, often extremes, so sums meet +Inf and -Inf,
-    # overflow, and NaN next to numbers.
-    values = draw(st.lists(st.one_of(st.sampled_from((math.inf, -math.inf)),
-                                     st.sampled_from(EXTREME_VALUES), sample_value),
-                           min_size=1, max_size=3))
-    # One or two exported metrics per example, so each pod gets several series of one.
-    exported = draw(st.lists(st.sampled_from(EXPORTED_METRICS), min_size=1, max_size=2,
-                             unique=True))
-    metric = st.sampled_from([*exported * 4, 'container_network_receive_bytes_total', '',
-                              'Container_memory_usage_bytes'])
-    extra_name = label_text.filter(lambda name: name not in MEANINGFUL)
-
-    def one_series():
-        if not draw(st.integers(0, 30)):
-            return {}, draw(st.lists(st.tuples(sample_value, sample_timestamp), max_size=1))
-        identity, container_label = draw(st.sampled_from(identities))
-        labels = {'__name__': draw(metric), **identity}
-        for name, choices in ((container_label, containers), ('id', cgroups),
-                              ('device', devices), ('image', ['', 'pause:3.9'])):
-            if draw(st.booleans()):
-                labels[name] = draw(st.sampled_from(choices))
-        labels.update(draw(st.dictionaries(extra_name, label_text, max_size=2)))
-        value = st.one_of(st.sampled_from(values), st.sampled_from(values), sample_value)
-        return labels, draw(st.lists(st.tuples(value, sample_timestamp), min_size=1,
-                                     max_size=3))
-
-    return [(draw(st.sampled_from((1, 2))), [one_series() for _ in range(draw(st.integers(
-        1, 10)))]) for _ in range(draw(st.integers(1, 3)))]
-
-
-def _two_series(metric, first, second, **labels):
-    """One request with two series of one pod and metric, told apart by container."""
-    pod = {'__name__': metric, 'namespace': 'default', 'pod': 'web-0', **labels}
-    return [(1, [({**pod, 'container': 'app'}, [(first, 1)]),
-                 ({**pod, 'container': 'sidecar'}, [(second, 1)])])]
-
-
-@PROPERTY_SETTINGS
-@given(requests=write_requests())
-# Found by this property; kept as examples so every run checks them.
-@example(_two_series('container_memory_usage_bytes', 1.7976931348623157e308,
-                     1.7976931348623157e308))
-@example(_two_series('container_fs_usage_bytes', math.inf, -math.inf))
-@example(_two_series('container_fs_limit_bytes', math.nan, 5.0, device='/dev/vda1'))
-def test_decoder_property_any_labels_and_values_give_the_rules_values_or_a_clean_400(requests):
-    """Any labels and float values: 204, or 400 naming the bad series with the
-    rest applied; /metrics then reads back exactly what the rules compute."""
-    app = fresh_app()
-    for protocol, table in requests:
-        status, headers, body = post(app, table, protocol)
-        bad = sum(1 for labels, _ in table if not labels.get('__name__'))
-        if bad:
-            reason = one_line_reason(status, headers, body)
-            assert status == 400
-            assert reason.startswith(f'{bad} invalid series skipped, first: series with')
-            assert reason.endswith('; the rest was applied')
-        else:
-            assert (status, body) == (204, b'')
-        if protocol == 2:
-            written = sum(len(samples) for labels, samples in table if labels.get('__name__'))
-            assert headers['X-Prometheus-Remote-Write-Samples-Written'] == str(written)
-    got = pod_values_in(scrape(app))
-    expected = expected_pod_values([table for _, table in requests])
-    assert same_values(got, expected), describe_difference(got, expected)
-
-
-
-@st.composite
-def protobuf_ish(draw, depth=0):
-    """Bytes shaped like protobuf: real tags and wire types, random contents, odd lengths."""
-    out = bytearray()
-    for _ in range(draw(st.integers(0, 5))):
-        field = draw(st.one_of(st.integers(1, 6), st.integers(1, 2 ** 29 - 1)))
-        wire = draw(st.sampled_from((0, 1, 2, 2, 2, 5, 3, 4, 6, 7)))
-        out += k8s_exporter._varint(field << 3 | wire)
-        if wire == 0:
-            out += k8s_exporter._varint(draw(st.integers(0, 2 ** 64 - 1)))
-        elif wire in (1, 5):
-            out += draw(st.binary(min_size=8 if wire == 1 else 4, max_size=8 if wire == 1
-                                  else 4))
-        elif wire == 2:
-            if depth < 3 and draw(st.booleans()):
-                inner = draw(protobuf_ish(depth + 1))
-            else:
-                inner = draw(st.one_of(st.binary(max_size=20),
-                                       label_text.map(lambda text: text.encode())))
-            length = len(inner) + draw(st.sampled_from((0, 0, 0, 1, -1, 1000)))
-            out += k8s_exporter._varint(max(length, 0)) + inner
-    return bytes(out)
-
-
-# Seed pods with newer timestamps and other values: applying any part of
-# such a body would show on /metrics.
-SEED_UPDATE = [(labels, [(value + 1, timestamp + 60_000) for value, timestamp in samples])
-               for labels, samples in seed_table()]
-FUZZ_POD_TABLE = [(dict(labels, namespace='fuzz-namespace', pod=f'fuzz-pod-{number}'), samples)
-                  for number, (labels, samples) in enumerate(seed_table())]
-
-
-def flip_bit(data, position):
-    position %= len(data) * 8
-    return data[:position // 8] + bytes([data[position // 8] ^ 1 << position % 8]) + data[
-        position // 8 + 1:]
-
-
-random_body = st.one_of(
-    st.tuples(st.just('raw'), st.binary(max_size=300)),
-    st.tuples(st.just('snappy of random bytes'), st.binary(max_size=300).map(snappy.compress)),
-    st.tuples(st.just('snappy of protobuf-ish bytes'), protobuf_ish().map(snappy.compress)),
-    st.builds(lambda build, cut: ('truncated seed update', build(SEED_UPDATE)[:cut]),
-              st.sampled_from((rw1_body, rw2_body)), st.integers(1, 400)),
-    st.builds(lambda build, bit: ('bit-flipped payload', snappy.compress(flip_bit(
-        build(FUZZ_POD_TABLE, compress=False), bit))),
-        st.sampled_from((rw1_body, rw2_body)), st.integers(0, 2 ** 20)),
-    st.builds(lambda build, cut: ('truncated payload', snappy.compress(
-        build(FUZZ_POD_TABLE, compress=False)[:cut])),
-        st.sampled_from((rw1_body, rw2_body)), st.integers(0, 2000)),
-)
-
-
-def seed_lines(exposition):
-    seed_pods = {pod for _, pod, *_ in SEED_PODS}
-    return {key: value for key, value in read_exposition(exposition).items()
-            if dict(key[1]).get('pod') in seed_pods}
-
-
-@PROPERTY_SETTINGS
-@given(body=random_body, content_type=st.sampled_from((RW1_TYPE, RW2_TYPE)))
-def test_random_bodies_never_5xx_and_refused_ones_leave_the_store_as_it_was(body, content_type):
-    kind, data = body
-    app = fresh_app()
-    assert post(app, seed_table())[0] == 204
-    before = scrape(app)
-    status, headers, response = call_wsgi(app, 'POST', '/write', data, {
-        'Content-Type': content_type, 'Content-Encoding': 'snappy'})
-    after = scrape(app)
-    assert status < 500, (kind, status, response)
-    if status == 204:
-        assert response == b''
-    else:
-        one_line_reason(status, headers, response)
-    if kind not in ('bit-flipped payload', 'truncated payload'):
-        # No fuzz pod inside: nothing may change, whether refused or not.
-        assert pod_families(after) == pod_families(before), kind
-    assert seed_lines(after) == seed_lines(before), kind
-    if kind == 'truncated seed update':
-        assert status == 400
 
 
 ###############################################################################
@@ -4584,6 +3984,620 @@ def test_sigterm_lets_an_in_flight_write_finish_then_gunicorn_exits_0():
     finally:
         server.stop()
     assert 'Traceback' not in server.log, server.log
+
+
+###############################################################################
+# Authentication ##############################################################
+###############################################################################
+
+def basic(user_password):
+    return 'Basic ' + base64.b64encode(user_password.encode()).decode()
+
+
+@pytest.fixture
+def secured_app(tmp_path):
+    (tmp_path / 'write-token').write_text('s3cret-write\n')
+    (tmp_path / 'write-users').write_text('prometheus1:pw1\nbackup:pw2\n')
+    (tmp_path / 'metrics-token').write_text('s3cret-read')
+    config = Config.from_environ({
+        'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': str(tmp_path / 'write-token'),
+        'K8S_EXPORTER_WRITE_BASIC_AUTH_FILE': str(tmp_path / 'write-users'),
+        'K8S_EXPORTER_METRICS_BEARER_TOKEN_FILE': str(tmp_path / 'metrics-token')})
+    return Exporter(config)
+
+
+@pytest.mark.parametrize('authorization', [
+    'Bearer s3cret-write', 'bearer s3cret-write', basic('prometheus1:pw1'), basic('backup:pw2')],
+    ids=['bearer', 'bearer-lower-case', 'basic-first-user', 'basic-second-user'])
+def test_write_accepts_the_configured_bearer_token_or_basic_auth(secured_app, authorization):
+    assert post(secured_app, seed_table(), Authorization=authorization)[0] == 204
+
+
+@pytest.mark.parametrize('authorization', [
+    None, 'Bearer wrong', 'Bearer s3cret-read', basic('prometheus1:pw2'), basic('nobody:pw1'),
+    'Basic !!notbase64', 'Digest s3cret-write', 'Bearer', ''],
+    ids=['no-header', 'wrong-token', 'the-metrics-token', 'wrong-password', 'unknown-user',
+         'bad-base64', 'digest', 'bearer-without-token', 'empty-header'])
+def test_write_with_missing_or_wrong_credentials_is_401_with_a_challenge(secured_app,
+                                                                        authorization):
+    headers = {'Authorization': authorization} if authorization is not None else {}
+    status, response_headers, body = call_wsgi(secured_app, 'POST', '/write',
+                                               rw1_body(seed_table()), headers)
+    assert (status, body) == (401, b'missing or wrong credentials\n')
+    assert secured_app.store.snapshot().series_count == 0
+
+
+def test_401_lists_every_accepted_scheme_and_is_counted(secured_app):
+    environ_headers = []
+
+    def start_response(status, headers, exc_info=None):
+        environ_headers.extend(headers)
+
+    secured_app({'REQUEST_METHOD': 'POST', 'PATH_INFO': '/write', 'wsgi.input': io.BytesIO()},
+                start_response)
+    assert [value for name, value in environ_headers if name == 'WWW-Authenticate'] == [
+        'Bearer realm="k8s_exporter"', 'Basic realm="k8s_exporter", charset="UTF-8"']
+    page = call_wsgi(secured_app, 'GET', '/metrics',
+                     headers={'Authorization': 'Bearer s3cret-read'})[2].decode()
+    assert 'k8s_exporter_http_requests_total{code="401",handler="write"} 1\n' in page
+
+
+def test_metrics_auth_is_separate_and_health_stays_open(secured_app):
+    assert call_wsgi(secured_app, 'GET', '/metrics')[0] == 401
+    assert call_wsgi(secured_app, 'GET', '/metrics',
+                     headers={'Authorization': 'Bearer s3cret-write'})[0] == 401
+    assert call_wsgi(secured_app, 'GET', '/metrics',
+                     headers={'Authorization': 'Bearer s3cret-read'})[0] == 200
+    assert call_wsgi(secured_app, 'GET', '/-/healthy')[0] == 200
+    assert call_wsgi(secured_app, 'GET', '/-/ready')[0] == 200
+
+
+def test_credentials_never_appear_in_the_config_repr(secured_app):
+    assert 's3cret' not in repr(secured_app.config) and 'pw1' not in repr(secured_app.config)
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, "K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE='{path}': cannot read: "
+           "No such file or directory"),
+    ('\n\n', "K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE='{path}': file is empty"),
+], ids=['missing-file', 'blank-lines'])
+def test_unreadable_or_empty_secret_file_stops_start_up(tmp_path, content, message):
+    path = tmp_path / 'token'
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as raised:
+        Config.from_environ({'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE': str(path)})
+    assert str(raised.value) == message.format(path=path)
+
+
+def test_basic_auth_file_lines_must_be_user_colon_password(tmp_path):
+    (tmp_path / 'users').write_text('just-a-user\n')
+    with pytest.raises(ConfigError) as raised:
+        Config.from_environ({'K8S_EXPORTER_METRICS_BASIC_AUTH_FILE': str(tmp_path / 'users')})
+    assert str(raised.value) == ('K8S_EXPORTER_METRICS_BASIC_AUTH_FILE: every line must be '
+                                 'user:password')
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+def test_config_defaults_are_the_documented_ones():
+    config = Config.from_environ({})
+    assert config == Config(cluster='k8s-cluster', ttl_seconds=300.0,
+                            max_body_bytes=10 * 1024 * 1024, max_decoded_bytes=64 * 1024 * 1024,
+                            max_series=1_000_000, metrics=EXPORTED_METRICS,
+                            listen='0.0.0.0:9201')
+
+
+def test_config_reads_every_variable():
+    config = Config.from_environ({
+        'K8S_EXPORTER_CLUSTER': 'prod-eu', 'K8S_EXPORTER_TTL_SECONDS': '2.5',
+        'K8S_EXPORTER_MAX_BODY_BYTES': '1000', 'K8S_EXPORTER_MAX_DECODED_BYTES': '2000',
+        'K8S_EXPORTER_MAX_SERIES': '30', 'K8S_EXPORTER_LISTEN': '127.0.0.1:9300',
+        'K8S_EXPORTER_METRICS': 'container_memory_rss, container_memory_usage_bytes,'})
+    assert config == Config(cluster='prod-eu', ttl_seconds=2.5, max_body_bytes=1000,
+                            max_decoded_bytes=2000, max_series=30, listen='127.0.0.1:9300',
+                            metrics=('container_memory_rss', 'container_memory_usage_bytes'))
+
+
+@pytest.mark.parametrize('name, value, message', [
+    ('K8S_EXPORTER_TTL_SECONDS', 'abc', "K8S_EXPORTER_TTL_SECONDS='abc': not a number"),
+    ('K8S_EXPORTER_TTL_SECONDS', '0', "K8S_EXPORTER_TTL_SECONDS='0': must be from 1 to 604800"),
+    ('K8S_EXPORTER_TTL_SECONDS', '1e-9', "K8S_EXPORTER_TTL_SECONDS='1e-9': must be from 1 to "
+                                         "604800"),
+    ('K8S_EXPORTER_TTL_SECONDS', 'nan', "K8S_EXPORTER_TTL_SECONDS='nan': must be from 1 to "
+                                        "604800"),
+    ('K8S_EXPORTER_TTL_SECONDS', '1e9', "K8S_EXPORTER_TTL_SECONDS='1e9': must be from 1 to "
+                                        "604800"),
+    ('K8S_EXPORTER_MAX_BODY_BYTES', '1.5', "K8S_EXPORTER_MAX_BODY_BYTES='1.5': not an integer"),
+    ('K8S_EXPORTER_MAX_BODY_BYTES', '99', "K8S_EXPORTER_MAX_BODY_BYTES='99': must be from 100 "
+                                          "to 1073741824"),
+    ('K8S_EXPORTER_MAX_DECODED_BYTES', str(2 ** 32), "K8S_EXPORTER_MAX_DECODED_BYTES="
+                                                     "'4294967296': must be from 100 to "
+                                                     "4294967295"),
+    ('K8S_EXPORTER_MAX_SERIES', '-1', "K8S_EXPORTER_MAX_SERIES='-1': must be from 1 to "
+                                      "1000000000"),
+    ('K8S_EXPORTER_MAX_CONCURRENT_DECODES', '0', "K8S_EXPORTER_MAX_CONCURRENT_DECODES='0': "
+                                                 "must be from 1 to 64"),
+    ('K8S_EXPORTER_CLUSTER', ' ', 'K8S_EXPORTER_CLUSTER is set but empty'),
+    ('K8S_EXPORTER_METRICS', 'container memory', "K8S_EXPORTER_METRICS: 'container memory' is "
+                                                 "not a valid metric name"),
+    ('K8S_EXPORTER_METRICS', ',', "K8S_EXPORTER_METRICS=',': names no metric"),
+    ('K8S_EXPORTER_LISTEN', '9201', "K8S_EXPORTER_LISTEN='9201': expected HOST:PORT"),
+    ('K8S_EXPORTER_TTL_SECONDS', 'inf', "K8S_EXPORTER_TTL_SECONDS='inf': must be from 1 to "
+                                        "604800"),
+    ('K8S_EXPORTER_LISTEN', '127.0.0.1:65536',
+     "K8S_EXPORTER_LISTEN='127.0.0.1:65536': expected HOST:PORT"),
+], ids=['ttl-not-a-number', 'ttl-zero', 'ttl-tiny', 'ttl-nan', 'ttl-too-long',
+        'max-body-not-an-integer', 'max-body-too-small', 'max-decoded-too-large',
+        'max-series-negative', 'max-decodes-zero', 'cluster-blank', 'metrics-bad-name',
+        'metrics-none', 'listen-without-host', 'ttl-inf', 'listen-port-too-large'])
+def test_config_rejects_a_bad_value_naming_the_variable(name, value, message):
+    with pytest.raises(ConfigError) as raised:
+        Config.from_environ({name: value})
+    assert str(raised.value) == message
+
+
+def test_metrics_variable_is_read_as_a_sorted_set_of_names():
+    config = Config.from_environ({'K8S_EXPORTER_METRICS': ' container_b , container_a,container_b'})
+    assert config.metrics == ('container_a', 'container_b')
+
+
+def test_metrics_variable_replaces_the_five_and_unknown_names_get_a_generic_help():
+    app = fresh_app(metrics=('container_memory_swap', 'container_memory_usage_bytes'))
+    table = [(cadvisor('container_memory_swap', 'ns', 'p'), [(7, 1)]),
+             (cadvisor('container_memory_usage_bytes', 'ns', 'p'), [(8, 1)]),
+             (cadvisor('container_fs_usage_bytes', 'ns', 'p', 'c', '/x/pod1/c'), [(9, 1)])]
+    assert call_wsgi(app, 'POST', '/write', rw1_body(table))[0] == 204
+    assert pod_families(scrape(app)) == (
+        '# HELP container_memory_swap cAdvisor container_memory_swap, one value per pod\n'
+        '# TYPE container_memory_swap gauge\n'
+        'container_memory_swap{cluster="k8s-cluster",item="container_memory_swap",'
+        'job="kubernetes-cadvisor",namespace="ns",pod="p"} 7\n'
+        '# HELP container_memory_usage_bytes The current memory usage of the container '
+        '(unit: bytes)\n'
+        '# TYPE container_memory_usage_bytes gauge\n'
+        'container_memory_usage_bytes{cluster="k8s-cluster",item="container_memory_usage_bytes",'
+        'job="kubernetes-cadvisor",namespace="ns",pod="p"} 8\n')
+
+
+def test_unknown_variables_and_metric_names_get_one_warning_line_each():
+    environ = {'K8S_EXPORTER_TTL_SECOND': '60', 'K8S_EXPORTER_CLUSTER': 'c',
+               'TEST_K8S_EXPORTER_SOAK_SECONDS': '8', 'OTHER': 'x',
+               'K8S_EXPORTER_METRICS': 'container_memory_usage_bytes,container_memory_usage_byte,'
+                                       'container_memory_swap,container_memory_rss'}
+    config = Config.from_environ(environ)
+    assert k8s_exporter.configuration_warnings(environ, config) == [
+        'K8S_EXPORTER_TTL_SECOND is not a k8s_exporter variable; ignored',
+        "K8S_EXPORTER_METRICS: 'container_memory_swap' is not in the table of metrics; it is "
+        'exported as a gauge with a generic HELP, by the rule its name suggests',
+        "K8S_EXPORTER_METRICS: 'container_memory_usage_byte' is not a cAdvisor metric; it is "
+        'exported only if a sender writes it']
+    assert k8s_exporter.configuration_warnings({}, Config()) == []
+
+
+def test_the_tests_and_tools_set_no_variable_the_exporter_would_warn_about():
+    for name in ('test_k8s_exporter.py', 'bench_k8s_exporter.py', 'demo_k8s_exporter.py',
+                 'Makefile', 'gunicorn.conf.py'):
+        text = (HERE / name).read_text()
+        used = set(re.findall(r'(?<![A-Z_])K8S_EXPORTER_[A-Z_]*[A-Z]', text))
+        # The typo the warning tests use on purpose.
+        used.discard('K8S_EXPORTER_TTL_SECOND')
+        assert used <= set(k8s_exporter.ENVIRONMENT_VARIABLES), (name, sorted(used))
+
+
+def test_gunicorn_logs_each_warning_once_with_time_and_level():
+    with Gunicorn(env={'K8S_EXPORTER_TTL_SECOND': '60'}) as running:
+        assert running.metrics()
+    lines = [line for line in running.log.splitlines() if 'TTL_SECOND' in line]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r'\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[WARNING\] '
+                        r'k8s_exporter: K8S_EXPORTER_TTL_SECOND is not a k8s_exporter '
+                        r'variable; ignored', lines[0]), lines[0]
+
+
+###############################################################################
+# Pages: the status page, /pods, and how one pod's value was made #############
+###############################################################################
+
+# Label values that break a page written without escaping: a script that
+# would retitle the page, and quotes and an ampersand that would end an
+# attribute early.
+INJECTED_POD = '<script>document.title="INJECTED"</script>'
+INJECTED_NAMESPACE = 'ns" onclick="x&y\''
+
+
+def page(app, path, status=200, **headers):
+    """The text of an HTML page of the app, checked to be one."""
+    code, response_headers, body = call_wsgi(app, 'GET', path, headers=headers)
+    assert code == status, (code, body[:300])
+    assert response_headers['Content-Type'] == 'text/html; charset=utf-8'
+    assert response_headers['Content-Security-Policy'] == (
+        "default-src 'none'; style-src 'unsafe-inline'")
+    text = body.decode()
+    assert f'<span class="version">k8s_exporter {k8s_exporter.__version__}</span>' in text
+    return text
+
+
+def table_rows(text):
+    """The cells' text of every table row with cells, as a reader sees it."""
+    return [[html.unescape(re.sub(r'<[^>]*>', '', cell_html)) for cell_html in re.findall(
+                r'<td[^>]*>(.*?)</td>', row)]
+            for row in re.findall(r'<tr[^>]*>(.*?)</tr>', text) if '<td' in row]
+
+
+def pod_rows(text):
+    """(cluster, job, namespace, pod) of each row of a /pods page."""
+    return [tuple(cells[:4]) for cells in table_rows(text)]
+
+
+def test_status_page_shows_version_store_and_the_configuration_in_force():
+    app = fresh_app(max_series=100, cluster='east')
+    post(app, seed_table())
+    text = page(app, '/')
+    assert '<title>Status - k8s_exporter</title>' in text
+    rows = table_rows(text)
+    assert ['pods', '5'] in rows and ['input series', '25'] in rows
+    assert ['series limit (K8S_EXPORTER_MAX_SERIES)', '25 of 100 held (25.0%)'] in rows
+    assert ['K8S_EXPORTER_CLUSTER', 'east'] in rows
+    assert ['write authentication', 'off'] in rows
+    assert any(row[0] == 'resident memory' and row[1].endswith(' MiB') for row in rows)
+    assert '<a href="metrics">/metrics</a>' in text and '<a href="pods">' in text
+    assert '<a href="-/healthy">/-/healthy</a>' in text
+
+
+def test_status_page_says_whether_authentication_is_on_never_the_secret(secured_app):
+    text = page(secured_app, '/', Authorization='Bearer s3cret-read')
+    rows = table_rows(text)
+    assert ['write authentication', 'on'] in rows
+    assert ['/metrics and pages authentication', 'on'] in rows
+    assert 's3cret' not in text and 'pw1' not in text
+
+
+def test_status_page_has_a_row_per_sender_with_pods_series_rate_and_last_write():
+    app = fresh_app()
+    post(app, seed_table(job='a'))                       # 25 kept samples of 5 pods
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD, job='b', cluster='west'),
+                [(1.0, 1000), (2.0, 2000), (3.0, 3000)])])
+    rows = [row for row in table_rows(page(app, '/')) if len(row) == 6]
+    # Exported samples per second: those of the last minute over 60 s.
+    assert [row[:5] for row in rows] == [['k8s-cluster', 'a', '5', '25', '0.4'],
+                                         ['west', 'b', '1', '1', '0.1']]
+    assert all(re.fullmatch(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(\d+ s ago\)', row[5])
+               for row in rows), rows
+
+
+def test_status_page_counts_what_no_sender_row_can_hold_in_total():
+    app = fresh_app()
+    post(app, seed_table())
+    text = page(app, '/')
+    assert ('All senders: 27 samples received of every metric; not kept: future_timestamp 0, '
+            'invalid_series 0, no_pod 1, out_of_order 0, series_limit 0, '
+            'unexported_metric 1;') in text
+
+
+def test_status_page_lists_the_last_20_refused_writes_newest_first():
+    app = fresh_app()
+    for number in range(22):
+        assert call_wsgi(app, 'POST', '/write', b'x',
+                         {'Content-Type': f'text/x-{number}'})[0] == 415
+    assert post(app, [({'__name__': MEMORY, 'pod': 'p'}, [(1, 1)])])[0] == 204
+    rows = [row for row in table_rows(page(app, '/')) if len(row) == 4]
+    assert len(rows) == 20
+    assert [row[2:] for row in rows[:2]] == [
+        ['', "unsupported Content-Type 'text/x-21'; expected application/x-protobuf"],
+        ['', "unsupported Content-Type 'text/x-20'; expected application/x-protobuf"]]
+    assert rows[-1][3].startswith("unsupported Content-Type 'text/x-2'")
+    assert {row[1] for row in rows} == {'415'}
+
+
+def test_status_page_lists_a_401_and_a_400_with_its_reason(secured_app):
+    call_wsgi(secured_app, 'POST', '/write', rw1_body(seed_table()))
+    post(secured_app, [({'job': 'j'}, [(1, 1)])], Authorization='Bearer s3cret-write')
+    rows = [row for row in table_rows(page(secured_app, '/', Authorization='Bearer s3cret-read'))
+            if len(row) == 4]
+    assert [row[1:] for row in rows] == [
+        ['400', '', '1 invalid series skipped, first: series with no __name__ label; '
+                    'the rest was applied'],
+        ['401', '', 'missing or wrong credentials']]
+
+
+def test_pods_page_lists_every_pod_in_output_order_with_its_values():
+    app = fresh_app()
+    post(app, seed_table(job='b'))
+    post(app, seed_table(job='a')[:3])
+    text = page(app, '/pods')
+    assert pod_rows(text) == [('k8s-cluster', 'a', 'default', SEED_PODS[0][1])] + [
+        ('k8s-cluster', 'b', namespace, pod) for namespace, pod, *_ in SEED_PODS]
+    assert table_rows(text)[-1][4:] == ['0', '4.2090070016e+10', '1.28868352e+08',
+                                        '5.771784192e+09', '266240']
+    assert table_rows(text)[0][4:] == ['0', '-', '-', '4.38272e+06', '229376']
+    assert ('<a href="pod?namespace=monitoring&amp;pod=prometheus-69757bb88f-w98vk">'
+            'prometheus-69757bb88f-w98vk</a>') in text
+    assert '<p>6 pods held, 6 match; 1 to 6 shown.</p>' in text
+
+
+@pytest.mark.parametrize('query, pods', [
+    ('namespace=monitor', ['prometheus-69757bb88f-w98vk']),
+    ('pod=nginx', ['nginx-deployment-585449566-lnknq', 'nginx-deployment-585449566-m8mws',
+                   'nginx-deployment-585449566-n7ltf']),
+    ('namespace=default&pod=task', ['task-pv-pod']),
+    ('namespace=default&pod=prometheus', []),
+    ('namespace=&pod=', [pod for _, pod, *_ in SEED_PODS]),
+], ids=['namespace', 'pod', 'both', 'no-match', 'empty'])
+def test_pods_page_filters_by_namespace_and_pod_substring(query, pods):
+    app = fresh_app()
+    post(app, seed_table())
+    assert [row[3] for row in pod_rows(page(app, '/pods?' + query))] == pods
+
+
+def many_pods_table(count, namespace='ns'):
+    return [(cadvisor(MEMORY, namespace, f'pod-{number:05d}', cgroup=POD_UID_OLD), [(number, 1)])
+            for number in range(count)]
+
+
+def test_pods_page_shows_500_rows_a_page_with_links_to_the_others():
+    app = fresh_app()
+    post(app, many_pods_table(1201))
+    first = page(app, '/pods')
+    assert [row[3] for row in pod_rows(first)] == [f'pod-{n:05d}' for n in range(500)]
+    assert ('<p>page 1 of 3: <span class="muted">first</span> <span class="muted">previous'
+            '</span> <a href="pods?page=2">next</a> <a href="pods?page=3">last</a></p>') in first
+    second = page(app, '/pods?page=2')
+    assert [row[3] for row in pod_rows(second)] == [f'pod-{n:05d}' for n in range(500, 1000)]
+    assert '<a href="pods">first</a> <a href="pods">previous</a>' in second
+    assert [row[3] for row in pod_rows(page(app, '/pods?page=3'))] == [
+        f'pod-{n:05d}' for n in range(1000, 1201)]
+    # Past the end: the last page.
+    assert '<p>page 3 of 3:' in page(app, '/pods?page=9')
+
+
+def test_pods_page_links_keep_the_filter():
+    app = fresh_app()
+    post(app, many_pods_table(600, namespace='a b&c'))
+    text = page(app, '/pods?namespace=a%20b%26c&pod=pod-')
+    assert '<a href="pods?namespace=a%20b%26c&amp;pod=pod-&amp;page=2">next</a>' in text
+    assert '<input name="namespace" value="a b&amp;c">' in text
+
+
+@pytest.mark.parametrize('number', ['0', '-1', 'two', '1.5', ''])
+def test_pods_page_number_must_be_a_positive_integer(number):
+    status, headers, body = call_wsgi(fresh_app(), 'GET', f'/pods?page={number}')
+    assert one_line_reason(status, headers, body) == (
+        f'page must be a positive integer, not {number!r}')
+    assert headers['X-Content-Type-Options'] == 'nosniff'
+
+
+def explained(text):
+    """{h3 heading: [(kind, container, id, device, value, counted)]} of a /pod page."""
+    sections = {}
+    for heading, table in re.findall(r'<h3>(.*?)</h3>.*?<table>(.*?)</table>', text, re.S):
+        sections[heading] = [(kind, container, cgroup, device, value, counted)
+                             for kind, container, cgroup, _, device, value, _, _, counted
+                             in table_rows(table)]
+    return sections
+
+
+def test_pod_page_shows_per_metric_the_value_the_rule_and_why_each_series_counts_or_not():
+    app = fresh_app()
+    pod_cgroup = POD_UID_OLD
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=pod_cgroup), [(7000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', 'app', f'{pod_cgroup}/c1'), [(5000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', '', f'{pod_cgroup}/pause'), [(500, 1000)]),
+               (cadvisor(FS_USAGE, 'ns', 'p', 'app', f'{pod_cgroup}/c1', device='/dev/a'),
+                [(300, 1000)]),
+               (cadvisor(FS_USAGE, 'ns', 'p', 'log', f'{pod_cgroup}/l1', device='/dev/a'),
+                [(40, 1000)])])
+    # app restarts as c2; log ends at its stale marker.
+    post(app, [(cadvisor(FS_USAGE, 'ns', 'p', 'app', f'{pod_cgroup}/c2', device='/dev/a'),
+                [(20, 2000)]),
+               (cadvisor(FS_USAGE, 'ns', 'p', 'log', f'{pod_cgroup}/l1', device='/dev/a'),
+                [(STALE_NAN, 2000)])])
+    text = page(app, '/pod?namespace=ns&pod=p')
+    assert '<title>Pod ns/p - k8s_exporter</title>' in text
+    assert '<h2>cluster k8s-cluster, job kubernetes-cadvisor</h2>' in text
+    assert explained(text) == {
+        f'{FS_USAGE} = 20': [
+            ('container', 'app', f'{pod_cgroup}/c2', '/dev/a', '20', 'counted'),
+            ('container', 'app', f'{pod_cgroup}/c1', '/dev/a', '300',
+             'no: replaced by a newer series of the same container'),
+            ('container', 'log', f'{pod_cgroup}/l1', '/dev/a', '40', 'no: ended by a stale marker'),
+        ],
+        f'{MEMORY} = 7000': [
+            ('pod cgroup', '', pod_cgroup, '', '7000', 'counted'),
+            ('pause container', '', f'{pod_cgroup}/pause', '', '500', 'no: pod cgroup preferred'),
+            ('container', 'app', f'{pod_cgroup}/c1', '', '5000', 'no: pod cgroup preferred'),
+        ],
+    }
+    assert ('<p class="muted">rule: the pod cgroup series if there is one, else the sum of the '
+            'containers</p>') in text
+    assert '<td>1970-01-01 00:00:02Z</td>' in text
+
+
+def test_pod_page_without_a_pod_cgroup_counts_the_sum_pause_included():
+    app = fresh_app(metrics=(MEMORY,))
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1'), [(5000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', 'POD', f'{POD_UID_OLD}/pause'), [(500, 1000)])])
+    assert explained(page(app, '/pod?namespace=ns&pod=p')) == {f'{MEMORY} = 5500': [
+        ('pause container', 'POD', f'{POD_UID_OLD}/pause', '', '500', 'counted'),
+        ('container', 'app', f'{POD_UID_OLD}/c1', '', '5000', 'counted')]}
+
+
+def test_pod_page_counts_each_fs_device_once_at_its_largest_limit():
+    limit = 'container_fs_limit_bytes'
+    app = fresh_app(metrics=(limit,))
+    post(app, [(cadvisor(limit, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', device='/dev/a'),
+                [(100, 1000)]),
+               (cadvisor(limit, 'ns', 'p', 'log', f'{POD_UID_OLD}/l1', device='/dev/a'),
+                [(90, 1000)]),
+               (cadvisor(limit, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', device='/dev/b'),
+                [(7, 1000)])])
+    assert explained(page(app, '/pod?namespace=ns&pod=p')) == {f'{limit} = 107': [
+        ('container', 'app', f'{POD_UID_OLD}/c1', '/dev/a', '100', 'counted'),
+        ('container', 'app', f'{POD_UID_OLD}/c1', '/dev/b', '7', 'counted'),
+        ('container', 'log', f'{POD_UID_OLD}/l1', '/dev/a', '90',
+         'no: its device counts once, at the largest limit reported for it')]}
+
+
+def test_pod_page_explains_a_counter_across_a_restart_the_sandbox_network_and_the_pod_limit():
+    cpu, network = 'container_cpu_usage_seconds_total', 'container_network_receive_bytes_total'
+    limit = 'container_spec_memory_limit_bytes'
+    app = fresh_app(metrics=(cpu, network, limit))
+    c1, c2, pause = f'{POD_UID_OLD}/c1', f'{POD_UID_OLD}/c2', f'{POD_UID_OLD}/pause'
+    post(app, [(cadvisor(cpu, 'ns', 'p', 'app', c1, cpu='total'), [(10, 1000)]),
+               (cadvisor(network, 'ns', 'p', 'POD', pause, interface='eth0'), [(500, 1000)]),
+               (cadvisor(network, 'ns', 'p', 'app', c1, interface='eth0'), [(500, 1000)]),
+               (cadvisor(limit, 'ns', 'p', cgroup=POD_UID_OLD), [(2**30, 1000)]),
+               (cadvisor(limit, 'ns', 'p', 'app', c1), [(2**29, 1000)])])
+    post(app, [(cadvisor(cpu, 'ns', 'p', 'app', c2, cpu='total'), [(3, 2000)])])
+    text = page(app, '/pod?namespace=ns&pod=p')
+    assert explained(text) == {
+        f'{cpu} = 13': [
+            ('container', 'app', c1, 'total', '10',
+             'counted: an earlier run of the container; a counter keeps its last value'),
+            ('container', 'app', c2, 'total', '3', 'counted')],
+        f'{network} = 500': [
+            ('pause container', 'POD', pause, 'eth0', '500', 'counted'),
+            ('container', 'app', c1, 'eth0', '500', "no: the network is the sandbox's")],
+        f'{limit} = 1.073741824e+09': [
+            ('pod cgroup', '', POD_UID_OLD, '', '1.073741824e+09', 'counted'),
+            ('container', 'app', c1, '', '5.36870912e+08', 'no: pod cgroup preferred')],
+    }
+    assert k8s_exporter.COUNTER_TEXT in html.unescape(text)
+
+
+def test_pod_page_shows_a_re_created_pod_and_every_job_holding_it():
+    app = fresh_app(metrics=(MEMORY,))
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 2000)]),
+               (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW, job='other'), [(9, 2000)]),
+               (cadvisor(MEMORY, 'ns', 'q', cgroup=POD_UID_NEW), [(1, 2000)])])
+    text = page(app, '/pod?namespace=ns&pod=p')
+    assert re.findall(r'<h2>(.*?)</h2>', text) == ['cluster k8s-cluster, job kubernetes-cadvisor',
+                                                   'cluster k8s-cluster, job other']
+    assert list(explained(text)) == [f'{MEMORY} = 1200', f'{MEMORY} = 9']
+    assert explained(text)[f'{MEMORY} = 1200'][1] == (
+        'pod cgroup', '', POD_UID_OLD, '', '7000',
+        'no: replaced by a newer pod cgroup (the pod was re-created)')
+
+
+@pytest.mark.parametrize('query, status, reason', [
+    ('namespace=ns&pod=nope', 404, "no pod ns/nope is held; see /pods"),
+    ('namespace=n&pod=p', 404, "no pod n/p is held; see /pods"),
+    ('namespace=ns', 400, 'namespace and pod are both required, as in /pod?namespace=NS&pod=P'),
+    ('', 400, 'namespace and pod are both required, as in /pod?namespace=NS&pod=P'),
+], ids=['unknown-pod', 'namespace-is-exact', 'no-pod', 'nothing'])
+def test_pod_page_of_an_unknown_pod_is_404_and_without_a_name_400(query, status, reason):
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)])])
+    code, headers, body = call_wsgi(app, 'GET', '/pod?' + query)
+    assert (code, one_line_reason(code, headers, body)) == (status, reason)
+
+
+def test_pod_page_shows_any_timestamp_a_sender_can_write():
+    app = fresh_app(metrics=(MEMORY,))
+    # Samples far ahead of the clock are refused; any time before it is kept.
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(1, -2**63)]),
+               (cadvisor(MEMORY, 'ns', 'p', 'b', f'{POD_UID_OLD}/b'), [(3, -5000)])])
+    rows = table_rows(page(app, '/pod?namespace=ns&pod=p'))
+    assert [row[6] for row in rows] == ['-292275055-05-16 16:47:04Z', '1969-12-31 23:59:55Z']
+
+
+def test_every_page_escapes_script_and_quotes_in_label_values_and_the_query():
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, INJECTED_NAMESPACE, INJECTED_POD, '<b>c</b>',
+                         '/kubepods/pod1"/x', image='img"><script>x()</script>'), [(1, 1000)])])
+    escaped_pod = '&lt;script&gt;document.title=&quot;INJECTED&quot;&lt;/script&gt;'
+    escaped_namespace = 'ns&quot; onclick=&quot;x&amp;y&#x27;'
+    pods = page(app, '/pods')
+    assert pod_rows(pods) == [('k8s-cluster', 'kubernetes-cadvisor', INJECTED_NAMESPACE,
+                               INJECTED_POD)]
+    query = urllib.parse.urlencode({'namespace': INJECTED_NAMESPACE, 'pod': INJECTED_POD},
+                                   quote_via=urllib.parse.quote)
+    assert f'<a href="pod?{query.replace("&", "&amp;")}">{escaped_pod}</a>' in pods
+    one = page(app, '/pod?' + query)
+    assert f'<title>Pod {escaped_namespace}/{escaped_pod} - k8s_exporter</title>' in one
+    assert '<td>&lt;b&gt;c&lt;/b&gt;</td>' in one
+    assert 'img&quot;&gt;&lt;script&gt;x()&lt;/script&gt;' in one
+    # The filter is shown back in its inputs.
+    filtered = page(app, '/pods?' + query)
+    assert f'<input name="namespace" value="{escaped_namespace}">' in filtered
+    assert f'<input name="pod" value="{escaped_pod}">' in filtered
+    for text in (pods, one, filtered, page(app, '/')):
+        assert '<script' not in text and 'INJECTED"' not in text and '<b>' not in text
+
+
+def test_a_refusal_reason_on_the_status_page_is_escaped():
+    app = fresh_app()
+    call_wsgi(app, 'POST', '/write', b'x', {'Content-Type': '<script>x()</script>'})
+    text = page(app, '/')
+    assert ("unsupported Content-Type &#x27;&lt;script&gt;x()&lt;/script&gt;&#x27;; "
+            "expected application/x-protobuf") in text
+    assert '<script' not in text
+
+
+@pytest.mark.parametrize('path', ['/', '/pods', '/pod?namespace=default&pod=task-pv-pod'])
+def test_pages_sit_behind_the_metrics_credentials(secured_app, path):
+    post(secured_app, seed_table(), Authorization='Bearer s3cret-write')
+    for authorization in (None, 'Bearer s3cret-write', 'Bearer wrong'):
+        headers = {'Authorization': authorization} if authorization else {}
+        assert call_wsgi(secured_app, 'GET', path, headers=headers)[:3:2] == (
+            401, b'missing or wrong credentials\n')
+    page(secured_app, path, Authorization='Bearer s3cret-read')
+
+
+@pytest.mark.parametrize('path', ['/', '/pods', '/pod?namespace=ns&pod=p'])
+def test_a_page_is_rendered_with_the_store_unlocked(path, monkeypatch):
+    # A write started from inside the rendering must finish: the store's
+    # lock is not reentrant, so it would wait for ever if the page held it.
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(1, 1000)])])
+    finished = []
+
+    def write_while_rendering(render):
+        def rendering(*args, **kwargs):
+            writer = threading.Thread(target=lambda: finished.append(
+                post(app, [(cadvisor(MEMORY, 'ns', 'w', cgroup=POD_UID_NEW), [(2, 1000)])])[0]))
+            writer.start()
+            writer.join(timeout=10)
+            return render(*args, **kwargs)
+        return rendering
+
+    for name in ('render_status_page', 'render_pods_page', 'render_pod_page'):
+        monkeypatch.setattr(k8s_exporter, name,
+                            write_while_rendering(getattr(k8s_exporter, name)))
+    page(app, path)
+    assert finished == [204]
+
+
+@pytest.mark.parametrize('path, status', [('/', 200), ('/pods', 200), ('/pod', 400)])
+def test_pages_answer_head_without_a_body_and_refuse_post(path, status):
+    app = fresh_app()
+    code, headers, body = call_wsgi(app, 'HEAD', path)
+    assert (code, body) == (status, b'') and int(headers['Content-Length']) > 0
+    assert call_wsgi(app, 'POST', path)[0] == 405
+
+
+@PROPERTY_SETTINGS
+@given(path=st.sampled_from(['/', '/pods', '/pod']),
+       query=st.text(alphabet=st.characters(max_codepoint=0xFF), max_size=60))
+def test_any_query_string_gets_a_page_or_a_one_line_refusal(path, query):
+    app = fresh_app()
+    post(app, seed_table())
+    status, headers, body = call_wsgi(app, 'GET', f'{path}?{query}')
+    if status == 200:
+        assert headers['Content-Type'] == 'text/html; charset=utf-8'
+    else:
+        assert status in (400, 404) and one_line_reason(status, headers, body)
+
+
+def test_a_query_that_is_not_utf8_filters_by_its_replacement_character():
+    app = fresh_app()
+    post(app, [(cadvisor(MEMORY, 'ns\ufffd', 'p', cgroup=POD_UID_OLD), [(1, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'q', cgroup=POD_UID_OLD), [(1, 1000)])])
+    text = page(app, '/pods?namespace=ns%FF')
+    assert [row[2:4] for row in pod_rows(text)] == [('ns\ufffd', 'p')]
 
 
 ###############################################################################
@@ -5525,7 +5539,9 @@ def test_pipeline_cpu_counter_rate_in_prometheus2_survives_a_container_restart()
         stored = prometheus2_range(pipeline.prometheus2, CPU_USAGE, 'web-0')
         assert_remote_write_failed_nothing(pipeline.prometheus1)
     assert [series['metric']['pod'] for series in rate] == ['web-0']
-    assert 0.35 <= float(rate[0]['value'][1]) <= 0.65, rate
+    # 0.5 CPU-seconds a second; the endpoint's updates and the scrapes jitter
+    # on a loaded machine. A reset would show in resets() and as a spike here.
+    assert 0.25 <= float(rate[0]['value'][1]) <= 0.75, rate
     assert float(resets[0]['value'][1]) == 0, stored
     assert stored == sorted(stored) and stored[-1] >= 100 + 0.5 * 8, stored
 
