@@ -3,6 +3,7 @@
     make mutants
     .venv/bin/python mutants_k8s_exporter.py --list           # the mutants, and which apply
     .venv/bin/python mutants_k8s_exporter.py --only store     # those whose rule or section matches
+    .venv/bin/python mutants_k8s_exporter.py --numbers 3,60-75   # those numbers of --list
 
 Each mutant is a piece of k8s_exporter.py's text and what it becomes: a
 rule broken by a one-line edit (newest wins, stale forgets, an aggregation
@@ -36,13 +37,18 @@ TESTS = HERE / 'test_k8s_exporter.py'
 
 # Test sections by banner title, as test_k8s_exporter.py names them now and
 # as the README's order names them (protocol, pod rules, lifecycle,
-# exposition, HTTP, security, operations, end to end). An entry that starts
-# with test_ names the tests whose names start with it.
+# exposition, HTTP, security, operations, end to end). An entry names the
+# sections whose title starts with it ('Pages' for 'Pages: the status page,
+# ...'); one that starts with test_ names the tests whose names start with it.
 CONFIG = ('Configuration', 'Operations')
 PROTOCOL = ('Remote-write decoding', 'Protocol')
 PODS = ('cAdvisor series to pods', 'Real kubelet captures', 'Pod rules',
         'test_model_pod_cgroup_test_agrees')
 STORE = ('The store', 'Lifecycle')
+LIFE = ("Through a pod's life",)
+JUDGED = ('The metrics pods are judged by',)
+SENDERS = ('Every sender',)
+PAGES = ('Pages',)
 EXPOSITION = ('Exposition',)
 HTTP = ('WSGI app', 'HTTP')
 SECURITY = ('Authentication', 'Security')
@@ -58,10 +64,10 @@ MUTANTS = [
     (CONFIG, 'default cluster label', "cluster: str = 'k8s-cluster'",
      "cluster: str = 'k8s_cluster'"),
     (CONFIG, 'default TTL', 'ttl_seconds: float = 300.0', 'ttl_seconds: float = 600.0'),
-    (CONFIG, 'numbers must be > 0', 'if not (value > 0 and math.isfinite(value)):',
-     'if not (value >= 0 and math.isfinite(value)):'),
-    (CONFIG, 'numbers must be finite', 'if not (value > 0 and math.isfinite(value)):',
-     'if not (value > 0):'),
+    (CONFIG, 'numbers have a lowest value', 'if not low <= value <= high:',
+     'if not value <= high:'),
+    (CONFIG, 'numbers have a highest value (inf is refused)', 'if not low <= value <= high:',
+     'if not low <= value:'),
     (CONFIG, 'a set but empty variable is refused', 'if name in environ and not value:',
      'if False:'),
     (CONFIG, 'metric names sorted and unique', 'return tuple(sorted(set(names)))',
@@ -111,12 +117,12 @@ MUTANTS = [
     (HTTP, 'a short body is 400', 'if len(body) < length:', 'if len(body) < 0:'),
     (PROTOCOL + HTTP, 'RW2: odd label refs are rejected', 'if len(refs) % 2:', 'if False:'),
     (PROTOCOL + HTTP, 'RW2: label ref out of range is rejected',
-     'elif refs and max(refs) >= symbol_count:', 'elif refs and max(refs) > symbol_count:'),
+     'and max(refs) < symbol_count:', 'and max(refs) <= symbol_count:'),
     (PROTOCOL + HTTP, 'RW2: unwanted names are skipped, wanted ones kept',
-     'value_ref not in wanted_refs and symbols[value_ref]',
-     'value_ref in wanted_refs and symbols[value_ref]'),
-    (PROTOCOL, 'RW2: two-byte symbol refs', 'value_ref = (value_ref & 0x7F) | high << 7',
-     'value_ref = (value_ref & 0x7F) | high << 8'),
+     'if value not in read and value < symbol_count:',
+     'if value in read and value < symbol_count:'),
+    (PROTOCOL, 'RW2: two-byte symbol refs', '        shift += 7\n        at += 1',
+     '        shift += 8\n        at += 1'),
     (PROTOCOL, 'varint continuation bit', 'out.append(number & 0x7F | 0x80)',
      'out.append(number & 0x7F)'),
     (PROTOCOL + HTTP, 'RW1: a Label with more fields is read whole',
@@ -126,8 +132,8 @@ MUTANTS = [
     (PROTOCOL + HTTP, 'a series without labels is rejected', 'if not labels:',
      'if labels is None:'),
     (PROTOCOL + HTTP, 'samples of rejected series are not counted as received',
-     'self.samples_total = samples_in_request - self.invalid',
-     'self.samples_total = samples_in_request'),
+     'self.samples_total = self.samples_in_request - self.invalid - self.future',
+     'self.samples_total = self.samples_in_request - self.future'),
     (PROTOCOL + HTTP + STORE, 'stale marker is one NaN bit pattern',
      'return value != value and _pack_double(value) == STALE_NAN_BYTES',
      'return value != value'),
@@ -149,32 +155,31 @@ MUTANTS = [
      'default_cluster'),
     (PODS, 'job is kept', "labels.get('job', ''), namespace, pod", "'', namespace, pod"),
     (PODS + EXPOSITION, 'fs limit: sum over devices of the limit',
-     "if metric_name == 'container_fs_limit_bytes':",
-     "if metric_name == 'container_fs_usage_bytes':"),
+     "MetricSpec('container_fs_limit_bytes', 'gauge', RULE_DEVICE_LIMIT, '',",
+     "MetricSpec('container_fs_limit_bytes', 'gauge', RULE_SUM, '',"),
     (PODS + EXPOSITION, 'fs usage: sum over containers and devices',
-     "if metric_name.startswith('container_fs_'):",
-     "if metric_name.startswith('container_fs_limit'):"),
+     "MetricSpec('container_fs_usage_bytes', 'gauge', RULE_SUM, '',",
+     "MetricSpec('container_fs_usage_bytes', 'gauge', RULE_POD_CGROUP, '',"),
     (PODS, 'a sum of one: -0 is 0', 'return series[0][1] or 0.0', 'return series[0][1]'),
-    (PODS, 'one container series of a pod-cgroup metric',
-     'rule == RULE_POD_CGROUP or not series[0][0].pod_cgroup',
-     'rule != RULE_POD_CGROUP or not series[0][0].pod_cgroup'),
+    (PODS, 'a sum of one: not for the pod cgroup of an fs metric',
+     'rule == RULE_POD_CGROUP or rule == RULE_SUM and not series[0][0].pod_cgroup)',
+     'rule == RULE_POD_CGROUP or rule == RULE_SUM)'),
     (PODS, 'pod cgroup wins over the container sum',
-     'return sum_values(pod_level or [value for _, value in series]) if series else None',
-     'return sum_values([value for _, value in series]) if series else None'),
+     'if pod_level or rule == RULE_POD_LIMIT:', 'if rule == RULE_POD_LIMIT:'),
     (PODS, 'pod cgroup series are found',
      'pod_level = [value for key, value in series if key.pod_cgroup]',
      'pod_level = [value for key, value in series if not key.pod_cgroup]'),
     (PODS, 'fs rules leave the pod cgroup out',
-     'containers = [(key.device, value) for key, value in series if not key.pod_cgroup]',
-     'containers = [(key.device, value) for key, value in series]'),
+     'picked = [value for key, value in series if not key.pod_cgroup]',
+     'picked = [value for key, value in series]'),
     (PODS, 'fs rules without containers give no value',
-     'if not containers:\n        return None', 'if not containers:\n        return 0.0'),
+     'if not picked:\n        return None', 'if not picked:\n        return 0.0'),
     (PODS, 'fs limit: the largest per device', 'value > known or known != known',
      'value < known or known != known'),
     (PODS, 'fs limit: NaN loses to a number, as PromQL max', 'value > known or known != known',
      'value > known'),
-    (PODS, 'fs limit: devices are summed', 'return sum_values(limits.values())',
-     'return max(limits.values())'),
+    (PODS, 'fs limit: devices are summed', 'picked = list(limits.values())',
+     'picked = [max(limits.values())] if limits else []'),
     (PODS, 'sums are correctly rounded', 'return math.fsum(values)', 'return sum(values)'),
     (PODS, '+Inf and -Inf sum to NaN', 'except ValueError:        # +Inf and -Inf together\n'
      '        return math.nan', 'except ValueError:        # +Inf and -Inf together\n'
@@ -183,38 +188,37 @@ MUTANTS = [
      '* 2.0 ** -53 for value in values) * 2.0 ** 52'),
     # Lifecycle: the store.
     (STORE, 'newest wins: an equal timestamp is ignored',
-     'if known and timestamp_ms <= old_timestamp:', 'if known and timestamp_ms < old_timestamp:'),
+     'if held and timestamp_ms <= old_timestamp:', 'if held and timestamp_ms < old_timestamp:'),
     (STORE, 'newest wins: an older sample is ignored',
-     'if known and timestamp_ms <= old_timestamp:', 'if False:'),
-    (STORE, 'only the stale marker forgets, not any NaN',
-     'if value != value and _pack_double(value) == STALE_NAN_BYTES:\n                    if known:',
-     'if value != value:\n                    if known:'),
-    (STORE, 'a stale marker forgets the series',
-     'if known:\n                        self._forget(pod, series_key, slots, at)',
-     'if known:\n                        pass'),
+     'if held and timestamp_ms <= old_timestamp:', 'if False:'),
+    (STORE, 'only the stale marker ends a series, not any NaN',
+     'if value != value and _pack_double(value) == STALE_NAN_BYTES:', 'if value != value:'),
+    (STORE + LIFE, 'a stale marker ends the series',
+     'self._end_series(pod, series_key, metric)\n', 'pass\n'),
     (STORE, 'series limit: at the limit, new series are refused',
-     'if self._series_count >= self.config.max_series:',
-     'if self._series_count > self.config.max_series:'),
-    (STORE, 'a changed value reaches the output', 'elif value != old_value:', 'elif False:'),
+     'if self._live_series + self._ended_series >= max_series:',
+     'if self._live_series + self._ended_series > max_series:'),
+    (STORE, 'a changed value reaches the output',
+     'elif value != old_value or pod.shared_identity:', 'elif pod.shared_identity:'),
     (STORE, 'a pod left empty by refused or stale samples is removed',
      'for pod in created:   # refused or stale-only samples can leave it empty\n'
-     '                if pod.series_count == 0:',
+     '                if not pod.series:',
      'for pod in created:   # refused or stale-only samples can leave it empty\n'
-     '                if pod.series_count < 0:'),
+     '                if pod.series is None:'),
     (STORE, 'a slot stays while another metric uses it',
-     'if all(received != received for _, _, received in SLOT.iter_unpack(slots)):',
-     'if any(received != received for _, _, received in SLOT.iter_unpack(slots)):'),
-    (STORE, 'a pod without series disappears',
-     'if pod.series_count == 0:\n            self._remove_pod(pod)',
-     'if pod.series_count < 0:\n            self._remove_pod(pod)'),
+     'return any(arrival == arrival for _, _, arrival in cls.SLOT.iter_unpack(slots))',
+     'return all(arrival == arrival for _, _, arrival in cls.SLOT.iter_unpack(slots))'),
+    (STORE + PAGES, 'a pod without series disappears',
+     'if not pod.series:\n            self._remove_pod(pod)\n            return True',
+     'if False:\n            self._remove_pod(pod)\n            return True'),
     (STORE + EXPOSITION, 'a write that changes the output bumps the version',
      'if changed:\n                self._version += 1', 'if False:\n                pass'),
     (STORE, 'expiry that changes the output bumps the version',
      'if changed:\n                    self._version += 1', 'if False:\n                    pass'),
     (STORE, 'stale forgets after the TTL', 'cutoff = now - self.config.ttl_seconds',
      'cutoff = now - 2 * self.config.ttl_seconds'),
-    (STORE, 'expiry forgets the old, not the new', 'if received < cutoff:',
-     'if received > cutoff:'),
+    (STORE, 'expiry forgets the old, not the new', 'if arrival < cutoff]',
+     'if arrival > cutoff]'),
     (STORE, 'series limit warning at most once a minute',
      'received >= self._limit_warned_at + LIMIT_WARNING_INTERVAL_SECONDS',
      'received >= self._limit_warned_at'),
@@ -238,8 +242,7 @@ MUTANTS = [
     (EXPOSITION, 'HELP leaves quotes alone',
      "return text.replace('\\\\', '\\\\\\\\').replace('\\n', '\\\\n')",
      "return text.replace('\\\\', '\\\\\\\\').replace('\\n', '\\\\n').replace('\"', '\\\\\"')"),
-    (EXPOSITION, 'HELP text is escaped', '{escape_help(metric_help(name))}',
-     '{metric_help(name)}'),
+    (EXPOSITION, 'HELP text is escaped', '{escape_help(spec.help)}', '{spec.help}'),
     (EXPOSITION, 'pod labels are escaped', 'map(escape_label_value, pod)', 'iter(pod)'),
     (EXPOSITION, 'Go float: exponent form below 1e-4', 'if exp < -4 or exp >= 6:',
      'if exp < -5 or exp >= 6:'),
@@ -270,7 +273,7 @@ MUTANTS = [
     (EXPOSITION + HTTP + STORE, 'self-metric: stale markers are one NaN',
      'if is_stale_marker(sample.value))', 'if sample.value != sample.value)'),
     (EXPOSITION + HTTP, 'self-metric: last success only for a write applied whole',
-     'if not decoded.bad_series and not refused:', 'if not refused:'),
+     'if not (decoded.bad_series or decoded.future or refused):', 'if not refused:'),
     (EXPOSITION + HTTP, 'self-metric: the +Inf bucket counts every write',
      "buckets.append(('{le=\"+Inf\"}', counters.write_duration_count))",
      "buckets.append(('{le=\"+Inf\"}', 0))"),
@@ -288,11 +291,11 @@ MUTANTS = [
      'if protocol == PROTO_RW1:\n            # Remote-write 2.0 spec'),
     (HTTP, 'RW2 samples written leave out the refused', 'written = decoded.samples_total - refused',
      'written = decoded.samples_total'),
-    (HTTP, 'invalid series are 400', "raise RequestError(400, f'{decoded.bad_series} invalid",
-     "raise RequestError(422, f'{decoded.bad_series} invalid"),
+    (HTTP, 'invalid series are 400', 'if decoded.bad_series or decoded.future or refused:',
+     'if decoded.future or refused:'),
     (HTTP + STORE, 'samples over the series limit are 400',
-     "raise RequestError(400, f'{refused} samples of new series refused",
-     "raise RequestError(429, f'{refused} samples of new series refused"),
+     'if decoded.bad_series or decoded.future or refused:',
+     'if decoded.bad_series or decoded.future:'),
     (HTTP, 'a fault of ours is 500', "text_response(500, 'internal error",
      "text_response(503, 'internal error"),
     (HTTP, 'decodes are bounded by the slots', 'with self.decode_slots:',
@@ -355,7 +358,7 @@ def test_sections(text):
 
 
 def select_tests(sections, wanted):
-    """The test names of the wanted sections (titles, case-insensitive, or test_ prefixes)."""
+    """The test names of the wanted sections (title prefixes, case-insensitive, or test_ prefixes)."""
     titles = {title.lower(): names for title, names in sections.items()}
     every = [name for names in sections.values() for name in names]
     selected = []
@@ -363,7 +366,8 @@ def select_tests(sections, wanted):
         if entry.startswith('test_'):
             selected += [name for name in every if name.startswith(entry)]
         else:
-            selected += titles.get(entry.lower(), [])
+            selected += [name for title, names in titles.items()
+                         if title.startswith(entry.lower()) for name in names]
     return list(dict.fromkeys(selected))
 
 
@@ -438,11 +442,22 @@ def stop_group(process):
 # The pass ####################################################################
 ###############################################################################
 
-def plan(source, sections, only):
+def parse_numbers(text):
+    """{1, 4, 5, 6} of '1,4-6': the mutants' numbers as --list shows them."""
+    numbers = set()
+    for part in filter(None, text.replace(' ', '').split(',')):
+        low, _, high = part.partition('-')
+        numbers.update(range(int(low), int(high or low) + 1))
+    return numbers
+
+
+def plan(source, sections, only, numbers=None):
     """(number, sections, rule, mutated source or None, tests) per mutant."""
     rows = []
     for number, (wanted, rule, text, replacement) in enumerate(MUTANTS, 1):
         if only and not any(only.lower() in part.lower() for part in (rule, *wanted)):
+            continue
+        if numbers and number not in numbers:
             continue
         rows.append((number, wanted, rule, apply_mutant(source, text, replacement),
                      select_tests(sections, wanted)))
@@ -453,12 +468,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--list', action='store_true', help='list the mutants and exit')
     parser.add_argument('--only', default='', help='mutants whose rule or section holds this')
+    parser.add_argument('--numbers', type=parse_numbers, default=None,
+                        help="mutants by their --list numbers: '3,4,60-75'")
     parser.add_argument('--timeout', type=float, default=900,
                         help='seconds for the tests of one mutant (default 900)')
     args = parser.parse_args(argv)
     source = EXPORTER.read_text()
     sections = test_sections(TESTS.read_text())
-    rows = plan(source, sections, args.only)
+    rows = plan(source, sections, args.only, args.numbers)
     if args.list:
         for number, _, rule, mutated, tests in rows:
             state = 'n/a: text not found once' if mutated is None else f'{len(tests)} tests'
