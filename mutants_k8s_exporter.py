@@ -3,6 +3,7 @@
     make mutants
     .venv/bin/python mutants_k8s_exporter.py --list           # the mutants, and which apply
     .venv/bin/python mutants_k8s_exporter.py --only store     # those whose rule or section matches
+    .venv/bin/python mutants_k8s_exporter.py --numbers 3,60-75   # those numbers of --list
 
 Each mutant is a piece of k8s_exporter.py's text and what it becomes: a
 rule broken by a one-line edit (newest wins, stale forgets, an aggregation
@@ -36,13 +37,18 @@ TESTS = HERE / 'test_k8s_exporter.py'
 
 # Test sections by banner title, as test_k8s_exporter.py names them now and
 # as the README's order names them (protocol, pod rules, lifecycle,
-# exposition, HTTP, security, operations, end to end). An entry that starts
-# with test_ names the tests whose names start with it.
+# exposition, HTTP, security, operations, end to end). An entry names the
+# sections whose title starts with it ('Pages' for 'Pages: the status page,
+# ...'); one that starts with test_ names the tests whose names start with it.
 CONFIG = ('Configuration', 'Operations')
 PROTOCOL = ('Remote-write decoding', 'Protocol')
 PODS = ('cAdvisor series to pods', 'Real kubelet captures', 'Pod rules',
         'test_model_pod_cgroup_test_agrees')
 STORE = ('The store', 'Lifecycle')
+LIFE = ("Through a pod's life",)
+JUDGED = ('The metrics pods are judged by',)
+SENDERS = ('Every sender',)
+PAGES = ('Pages',)
 EXPOSITION = ('Exposition',)
 HTTP = ('WSGI app', 'HTTP')
 SECURITY = ('Authentication', 'Security')
@@ -58,10 +64,10 @@ MUTANTS = [
     (CONFIG, 'default cluster label', "cluster: str = 'k8s-cluster'",
      "cluster: str = 'k8s_cluster'"),
     (CONFIG, 'default TTL', 'ttl_seconds: float = 300.0', 'ttl_seconds: float = 600.0'),
-    (CONFIG, 'numbers must be > 0', 'if not (value > 0 and math.isfinite(value)):',
-     'if not (value >= 0 and math.isfinite(value)):'),
-    (CONFIG, 'numbers must be finite', 'if not (value > 0 and math.isfinite(value)):',
-     'if not (value > 0):'),
+    (CONFIG, 'numbers have a lowest value', 'if not low <= value <= high:',
+     'if not value <= high:'),
+    (CONFIG, 'numbers have a highest value (inf is refused)', 'if not low <= value <= high:',
+     'if not low <= value:'),
     (CONFIG, 'a set but empty variable is refused', 'if name in environ and not value:',
      'if False:'),
     (CONFIG, 'metric names sorted and unique', 'return tuple(sorted(set(names)))',
@@ -111,12 +117,14 @@ MUTANTS = [
     (HTTP, 'a short body is 400', 'if len(body) < length:', 'if len(body) < 0:'),
     (PROTOCOL + HTTP, 'RW2: odd label refs are rejected', 'if len(refs) % 2:', 'if False:'),
     (PROTOCOL + HTTP, 'RW2: label ref out of range is rejected',
-     'elif refs and max(refs) >= symbol_count:', 'elif refs and max(refs) > symbol_count:'),
+     'and max(refs) < symbol_count:', 'and max(refs) <= symbol_count:'),
     (PROTOCOL + HTTP, 'RW2: unwanted names are skipped, wanted ones kept',
-     'value_ref not in wanted_refs and symbols[value_ref]',
-     'value_ref in wanted_refs and symbols[value_ref]'),
-    (PROTOCOL, 'RW2: two-byte symbol refs', 'value_ref = (value_ref & 0x7F) | high << 7',
-     'value_ref = (value_ref & 0x7F) | high << 8'),
+     'if value not in read and value < symbol_count:',
+     'if value in read and value < symbol_count:'),
+    (PROTOCOL + HTTP, 'RW2: an unwanted name past bad refs is skipped, not refused',
+     'and symbols[name] not in self.wanted):', 'and symbols[name] in self.wanted):'),
+    (PROTOCOL, 'RW2: two-byte symbol refs', '        shift += 7\n        at += 1',
+     '        shift += 8\n        at += 1'),
     (PROTOCOL, 'varint continuation bit', 'out.append(number & 0x7F | 0x80)',
      'out.append(number & 0x7F)'),
     (PROTOCOL + HTTP, 'RW1: a Label with more fields is read whole',
@@ -126,8 +134,31 @@ MUTANTS = [
     (PROTOCOL + HTTP, 'a series without labels is rejected', 'if not labels:',
      'if labels is None:'),
     (PROTOCOL + HTTP, 'samples of rejected series are not counted as received',
-     'self.samples_total = samples_in_request - self.invalid',
-     'self.samples_total = samples_in_request'),
+     'self.samples_total = self.samples_in_request - self.invalid - self.future',
+     'self.samples_total = self.samples_in_request - self.future'),
+    (PROTOCOL + SENDERS, 'samples too far ahead are not counted as received',
+     'self.samples_total = self.samples_in_request - self.invalid - self.future',
+     'self.samples_total = self.samples_in_request - self.invalid'),
+    (PROTOCOL + SENDERS, 'samples over 10 minutes ahead are refused',
+     'MAX_AHEAD_MS = 10 * 60 * 1000', 'MAX_AHEAD_MS = 11 * 60 * 1000'),
+    (PROTOCOL + SENDERS, 'samples up to 10 minutes ahead are kept',
+     'MAX_AHEAD_MS = 10 * 60 * 1000', 'MAX_AHEAD_MS = 9 * 60 * 1000'),
+    (PROTOCOL + SENDERS, 'a sample exactly 10 minutes ahead is kept',
+     'if timestamp > latest_ms:', 'if timestamp >= latest_ms:'),
+    (PROTOCOL + SENDERS, 'samples ahead of the clock are refused at all',
+     'if timestamp > latest_ms:', 'if False:'),
+    (PROTOCOL + SENDERS + HTTP, 'RW1: a label that is not UTF-8 refuses its series',
+     'self._take_series(decoded, labels, series.samples, latest_ms, check_utf8=True)',
+     'self._take_series(decoded, labels, series.samples, latest_ms, check_utf8=False)'),
+    (PROTOCOL + SENDERS + HTTP, 'a label that is not UTF-8 refuses its series, kept or not',
+     'if check_utf8 and not all(map(_is_utf8, itertools.chain(*labels.items()))):',
+     'if False:'),
+    (PROTOCOL + SENDERS + HTTP, 'RW1: a label that is not UTF-8 refuses only its series',
+     'series = remote_pb2.TimeSeriesLabelBytes.FromString(raw)', 'raise'),
+    (PROTOCOL + SENDERS + HTTP, 'RW2: a symbol that is not UTF-8 refuses only the series using it',
+     'request = remote_pb2.WriteRequestV2SymbolBytes.FromString(payload)', 'raise'),
+    (PROTOCOL + SENDERS + HTTP, 'RW2: a symbol that is not UTF-8 refuses the series using it',
+     '            check_utf8 = True\n', '            check_utf8 = False\n'),
     (PROTOCOL + HTTP + STORE, 'stale marker is one NaN bit pattern',
      'return value != value and _pack_double(value) == STALE_NAN_BYTES',
      'return value != value'),
@@ -149,32 +180,71 @@ MUTANTS = [
      'default_cluster'),
     (PODS, 'job is kept', "labels.get('job', ''), namespace, pod", "'', namespace, pod"),
     (PODS + EXPOSITION, 'fs limit: sum over devices of the limit',
-     "if metric_name == 'container_fs_limit_bytes':",
-     "if metric_name == 'container_fs_usage_bytes':"),
+     "MetricSpec('container_fs_limit_bytes', 'gauge', RULE_DEVICE_LIMIT, '',",
+     "MetricSpec('container_fs_limit_bytes', 'gauge', RULE_SUM, '',"),
     (PODS + EXPOSITION, 'fs usage: sum over containers and devices',
-     "if metric_name.startswith('container_fs_'):",
-     "if metric_name.startswith('container_fs_limit'):"),
+     "MetricSpec('container_fs_usage_bytes', 'gauge', RULE_SUM, '',",
+     "MetricSpec('container_fs_usage_bytes', 'gauge', RULE_POD_CGROUP, '',"),
+    (PODS + EXPOSITION + ('test_metrics_variable_replaces',),
+     'unknown container_fs_ names are summed over containers',
+     "rule = RULE_SUM if name.startswith('container_fs_') else RULE_POD_CGROUP",
+     'rule = RULE_POD_CGROUP'),
+    (JUDGED, 'counters are exposed as TYPE counter', "f'# TYPE {name} {spec.type}\\n'",
+     "f'# TYPE {name} gauge\\n'"),
     (PODS, 'a sum of one: -0 is 0', 'return series[0][1] or 0.0', 'return series[0][1]'),
-    (PODS, 'one container series of a pod-cgroup metric',
-     'rule == RULE_POD_CGROUP or not series[0][0].pod_cgroup',
-     'rule != RULE_POD_CGROUP or not series[0][0].pod_cgroup'),
+    (PODS, 'a sum of one: not for the pod cgroup of an fs metric',
+     'rule == RULE_POD_CGROUP or rule == RULE_SUM and not series[0][0].pod_cgroup)',
+     'rule == RULE_POD_CGROUP or rule == RULE_SUM)'),
     (PODS, 'pod cgroup wins over the container sum',
-     'return sum_values(pod_level or [value for _, value in series]) if series else None',
-     'return sum_values([value for _, value in series]) if series else None'),
+     'if pod_level or rule == RULE_POD_LIMIT:', 'if rule == RULE_POD_LIMIT:'),
+    (PODS + JUDGED, 'RULE_POD_LIMIT: no line without a pod cgroup',
+     'if pod_level or rule == RULE_POD_LIMIT:', 'if pod_level:'),
+    (PODS + JUDGED, 'RULE_POD_LIMIT: one container series is not the pod limit',
+     'rule == RULE_POD_CGROUP or rule == RULE_SUM and not series[0][0].pod_cgroup)',
+     'rule in (RULE_POD_CGROUP, RULE_POD_LIMIT) or rule == RULE_SUM and not '
+     'series[0][0].pod_cgroup)'),
+    (PODS + JUDGED, 'the memory limit is the pod limit rule',
+     "MetricSpec('container_spec_memory_limit_bytes', 'gauge', RULE_POD_LIMIT, '',",
+     "MetricSpec('container_spec_memory_limit_bytes', 'gauge', RULE_POD_CGROUP, '',"),
+    (PODS + JUDGED, 'RULE_SANDBOX picks only the sandbox',
+     'picked = [value for key, value in series if key.sandbox]',
+     'picked = [value for key, value in series if not key.pod_cgroup]'),
+    (PODS + JUDGED, "RULE_SANDBOX: containerd's unnamed pause container is the sandbox",
+     "return not self.pod_cgroup and self.container in ('POD', '')",
+     "return not self.pod_cgroup and self.container == 'POD'"),
+    (PODS + JUDGED, 'RULE_SANDBOX: the pod cgroup is not the sandbox',
+     "return not self.pod_cgroup and self.container in ('POD', '')",
+     "return self.container in ('POD', '')"),
+    (PODS + JUDGED, 'network metrics take the sandbox rule',
+     "MetricSpec('container_network_receive_bytes_total', 'counter', RULE_SANDBOX, 'interface',",
+     "MetricSpec('container_network_receive_bytes_total', 'counter', RULE_SUM, 'interface',"),
+    (PODS + JUDGED, 'cpu usage is a counter',
+     "MetricSpec('container_cpu_usage_seconds_total', 'counter', RULE_POD_CGROUP, 'cpu',",
+     "MetricSpec('container_cpu_usage_seconds_total', 'gauge', RULE_POD_CGROUP, 'cpu',"),
+    (PODS + JUDGED, 'part labels enter the identity (per-CPU series apart)',
+     "MetricSpec('container_cpu_usage_seconds_total', 'counter', RULE_POD_CGROUP, 'cpu',",
+     "MetricSpec('container_cpu_usage_seconds_total', 'counter', RULE_POD_CGROUP, '',"),
+    (PODS + JUDGED, 'part labels enter the series key',
+     "_intern(labels.get(part_label, '')) if part_label else ''))", "''))"),
+    (PODS + JUDGED + SENDERS, 'the decoder passes the part label of the metric',
+     "pod_series_identity(labels, self.default_cluster, PART_LABELS.get(name, ''))",
+     'pod_series_identity(labels, self.default_cluster)'),
     (PODS, 'pod cgroup series are found',
      'pod_level = [value for key, value in series if key.pod_cgroup]',
      'pod_level = [value for key, value in series if not key.pod_cgroup]'),
     (PODS, 'fs rules leave the pod cgroup out',
-     'containers = [(key.device, value) for key, value in series if not key.pod_cgroup]',
-     'containers = [(key.device, value) for key, value in series]'),
+     'picked = [value for key, value in series if not key.pod_cgroup]',
+     'picked = [value for key, value in series]'),
+    (PODS, 'fs limit leaves the pod cgroup out',
+     'if key.pod_cgroup:\n                continue', 'if False:\n                continue'),
     (PODS, 'fs rules without containers give no value',
-     'if not containers:\n        return None', 'if not containers:\n        return 0.0'),
+     'if not picked:\n        return None', 'if not picked:\n        return 0.0'),
     (PODS, 'fs limit: the largest per device', 'value > known or known != known',
      'value < known or known != known'),
     (PODS, 'fs limit: NaN loses to a number, as PromQL max', 'value > known or known != known',
      'value > known'),
-    (PODS, 'fs limit: devices are summed', 'return sum_values(limits.values())',
-     'return max(limits.values())'),
+    (PODS, 'fs limit: devices are summed', 'picked = list(limits.values())',
+     'picked = [max(limits.values())] if limits else []'),
     (PODS, 'sums are correctly rounded', 'return math.fsum(values)', 'return sum(values)'),
     (PODS, '+Inf and -Inf sum to NaN', 'except ValueError:        # +Inf and -Inf together\n'
      '        return math.nan', 'except ValueError:        # +Inf and -Inf together\n'
@@ -183,38 +253,128 @@ MUTANTS = [
      '* 2.0 ** -53 for value in values) * 2.0 ** 52'),
     # Lifecycle: the store.
     (STORE, 'newest wins: an equal timestamp is ignored',
-     'if known and timestamp_ms <= old_timestamp:', 'if known and timestamp_ms < old_timestamp:'),
+     'if held and timestamp_ms <= old_timestamp:', 'if held and timestamp_ms < old_timestamp:'),
     (STORE, 'newest wins: an older sample is ignored',
-     'if known and timestamp_ms <= old_timestamp:', 'if False:'),
-    (STORE, 'only the stale marker forgets, not any NaN',
-     'if value != value and _pack_double(value) == STALE_NAN_BYTES:\n                    if known:',
-     'if value != value:\n                    if known:'),
-    (STORE, 'a stale marker forgets the series',
-     'if known:\n                        self._forget(pod, series_key, slots, at)',
-     'if known:\n                        pass'),
+     'if held and timestamp_ms <= old_timestamp:', 'if False:'),
+    (STORE, 'only the stale marker ends a series, not any NaN',
+     'if value != value and _pack_double(value) == STALE_NAN_BYTES:', 'if value != value:'),
+    (STORE + LIFE, 'a stale marker ends the series',
+     'self._end_series(pod, series_key, metric)\n', 'pass\n'),
+    (STORE + LIFE + JUDGED + PAGES, 'a stale marker keeps the last value',
+     'write_slot(slots, at, timestamp_ms, old_value, arrival)',
+     'write_slot(slots, at, timestamp_ms, value, arrival)'),
+    (STORE + LIFE, 'an ended series is held: a replay cannot bring it back',
+     'held = old_arrival == old_arrival', 'held = old_arrival == old_arrival and not ('
+     'pod.ended is not None and (series_key, metric) in pod.ended)'),
+    (STORE + LIFE, 'a newer sample brings an ended series back',
+     'pod.ended.discard((series_key, metric))\n                    if not pod.ended:',
+     'pod.ended.add((series_key, metric))\n                    if not pod.ended:'),
     (STORE, 'series limit: at the limit, new series are refused',
-     'if self._series_count >= self.config.max_series:',
-     'if self._series_count > self.config.max_series:'),
-    (STORE, 'a changed value reaches the output', 'elif value != old_value:', 'elif False:'),
-    (STORE, 'a pod left empty by refused or stale samples is removed',
+     'if self._live_series + self._ended_series >= max_series:',
+     'if self._live_series + self._ended_series > max_series:'),
+    (STORE + LIFE, 'series limit: ended series count against it',
+     'if self._live_series + self._ended_series >= max_series:',
+     'if self._live_series >= max_series:'),
+    (STORE, 'a changed value reaches the output',
+     'elif value != old_value or pod.shared_identity:', 'elif pod.shared_identity:'),
+    (STORE + LIFE, 'with two series of one identity an equal value can change the pod',
+     'elif value != old_value or pod.shared_identity:', 'elif value != old_value:'),
+    (STORE + PAGES, 'a pod left empty by refused or stale samples is removed',
      'for pod in created:   # refused or stale-only samples can leave it empty\n'
-     '                if pod.series_count == 0:',
+     '                if not pod.series:',
      'for pod in created:   # refused or stale-only samples can leave it empty\n'
-     '                if pod.series_count < 0:'),
-    (STORE, 'a slot stays while another metric uses it',
-     'if all(received != received for _, _, received in SLOT.iter_unpack(slots)):',
-     'if any(received != received for _, _, received in SLOT.iter_unpack(slots)):'),
-    (STORE, 'a pod without series disappears',
-     'if pod.series_count == 0:\n            self._remove_pod(pod)',
-     'if pod.series_count < 0:\n            self._remove_pod(pod)'),
+     '                if pod.series is None:'),
+    (STORE + LIFE + JUDGED, 'a slot stays while another metric uses it',
+     'return any(arrival == arrival for _, _, arrival in cls.SLOT.iter_unpack(slots))',
+     'return all(arrival == arrival for _, _, arrival in cls.SLOT.iter_unpack(slots))'),
+    (STORE + PAGES, 'a pod without series disappears',
+     'if not pod.series:\n            self._remove_pod(pod)\n            return True',
+     'if False:\n            self._remove_pod(pod)\n            return True'),
+    # Lifecycle: which series of a pod count.
+    (LIFE, 'identity: a container by its name, not its id',
+     'return self.pod_cgroup, self.container, self.device, self.part',
+     'return self.pod_cgroup, self.container, self.id, self.device, self.part'),
+    (LIFE, 'identity: containers of other names count apart',
+     'return self.pod_cgroup, self.container, self.device, self.part',
+     'return self.pod_cgroup, self.device, self.part'),
+    (LIFE + PODS + JUDGED + PAGES, 'identity: the pod cgroup is not the unnamed pause container',
+     'return self.pod_cgroup, self.container, self.device, self.part',
+     'return self.container, self.device, self.part'),
+    (LIFE + PODS, 'identity: per device',
+     'return self.pod_cgroup, self.container, self.device, self.part',
+     'return self.pod_cgroup, self.container, self.part'),
+    (LIFE + JUDGED, 'identity: per part (cpu, interface)',
+     'return self.pod_cgroup, self.container, self.device, self.part',
+     'return self.pod_cgroup, self.container, self.device'),
+    (LIFE, 'one identity: the newest sample counts',
+     'other = newest.get(identity)\n'
+     '            if other is None or (sample[0], sample[2]) > (other[1][0], other[1][2]):',
+     'other = newest.get(identity)\n'
+     '            if other is None or (sample[0], sample[2]) < (other[1][0], other[1][2]):'),
+    (LIFE, 'one identity: on equal timestamps the one that arrived last',
+     'other = newest.get(identity)\n'
+     '            if other is None or (sample[0], sample[2]) > (other[1][0], other[1][2]):',
+     'other = newest.get(identity)\n'
+     '            if other is None or (sample[0], -sample[2]) > (other[1][0], -other[1][2]):'),
+    (LIFE + JUDGED + PAGES, 'one identity: by timestamp first, arrival second',
+     'other = newest.get(identity)\n'
+     '            if other is None or (sample[0], sample[2]) > (other[1][0], other[1][2]):',
+     'other = newest.get(identity)\n'
+     '            if other is None or sample[2] > other[1][2]:'),
+    (LIFE, 'a shared identity is noticed when a key is added',
+     'self.shared_identity = self.shared_identity or any(',
+     'self.shared_identity = False and any('),
+    (LIFE, 'a shared identity is forgotten with the key that shared it',
+     'self.shared_identity = len(set(identities)) < len(identities)',
+     'self.shared_identity = self.shared_identity'),
+    (LIFE, 'ended series never count for gauges',
+     'if (key, metric) in ended:\n                continue',
+     'if False:\n                continue'),
+    (LIFE, 'ended series never count, even without a shared identity',
+     'if not self.shared_identity and self.ended is None:',
+     'if not self.shared_identity:'),
+    (LIFE + JUDGED, 'nothing counts when every series has ended',
+     'if all((key, metric) in ended for key, _ in held):',
+     'if False:'),
+    (LIFE, 'one ended series does not end the pod value',
+     'if all((key, metric) in ended for key, _ in held):',
+     'if any((key, metric) in ended for key, _ in held):'),
+    (LIFE + JUDGED, 'counters count every container generation',
+     'if cumulative and not key.pod_cgroup:', 'if False:'),
+    (LIFE + JUDGED, 'counters: pod cgroups of one identity replace one another',
+     'if cumulative and not key.pod_cgroup:', 'if cumulative:'),
+    (LIFE + JUDGED, 'carry on forget: the last value of a forgotten container',
+     "pod.carried[metric] = sum_values([pod.carried[metric],\n"
+     "                                              Slots.get(slots, metric)[1]])",
+     "pod.carried[metric] = sum_values([pod.carried[metric],\n"
+     "                                              0.0])"),
+    (LIFE + JUDGED, 'carry on forget: carried values add up',
+     'pod.carried[metric] = sum_values([pod.carried[metric],',
+     'pod.carried[metric] = sum_values([0.0,'),
+    (LIFE + JUDGED, 'carry on forget: counters only',
+     'if self.cumulative[metric] and not series_key.pod_cgroup and (',
+     'if not series_key.pod_cgroup and ('),
+    (LIFE + JUDGED + PAGES, 'carry on forget: not the pod cgroup',
+     'if self.cumulative[metric] and not series_key.pod_cgroup and (',
+     'if self.cumulative[metric] and ('),
+    (LIFE + JUDGED + PAGES, 'carry on forget: under RULE_SANDBOX only the sandbox',
+     'self.rules[metric] != RULE_SANDBOX or series_key.sandbox):', 'True):'),
+    (LIFE + JUDGED, 'the carried value adds to the pod value',
+     'return sum_values([*picked, carried] if carried else picked)',
+     'return sum_values(picked)'),
+    (LIFE + JUDGED + PAGES, 'a sum of one: not when something is carried',
+     'if len(series) == 1 and not carried and (', 'if len(series) == 1 and ('),
+    (LIFE + JUDGED, 'the pod value is made with what was carried',
+     'carried[metric] if carried else 0.0) if series else None',
+     '0.0) if series else None'),
     (STORE + EXPOSITION, 'a write that changes the output bumps the version',
      'if changed:\n                self._version += 1', 'if False:\n                pass'),
     (STORE, 'expiry that changes the output bumps the version',
      'if changed:\n                    self._version += 1', 'if False:\n                    pass'),
     (STORE, 'stale forgets after the TTL', 'cutoff = now - self.config.ttl_seconds',
      'cutoff = now - 2 * self.config.ttl_seconds'),
-    (STORE, 'expiry forgets the old, not the new', 'if received < cutoff:',
-     'if received > cutoff:'),
+    (STORE, 'expiry forgets the old, not the new', 'if arrival < cutoff]',
+     'if arrival > cutoff]'),
     (STORE, 'series limit warning at most once a minute',
      'received >= self._limit_warned_at + LIMIT_WARNING_INTERVAL_SECONDS',
      'received >= self._limit_warned_at'),
@@ -238,8 +398,7 @@ MUTANTS = [
     (EXPOSITION, 'HELP leaves quotes alone',
      "return text.replace('\\\\', '\\\\\\\\').replace('\\n', '\\\\n')",
      "return text.replace('\\\\', '\\\\\\\\').replace('\\n', '\\\\n').replace('\"', '\\\\\"')"),
-    (EXPOSITION, 'HELP text is escaped', '{escape_help(metric_help(name))}',
-     '{metric_help(name)}'),
+    (EXPOSITION, 'HELP text is escaped', '{escape_help(spec.help)}', '{spec.help}'),
     (EXPOSITION, 'pod labels are escaped', 'map(escape_label_value, pod)', 'iter(pod)'),
     (EXPOSITION, 'Go float: exponent form below 1e-4', 'if exp < -4 or exp >= 6:',
      'if exp < -5 or exp >= 6:'),
@@ -270,7 +429,7 @@ MUTANTS = [
     (EXPOSITION + HTTP + STORE, 'self-metric: stale markers are one NaN',
      'if is_stale_marker(sample.value))', 'if sample.value != sample.value)'),
     (EXPOSITION + HTTP, 'self-metric: last success only for a write applied whole',
-     'if not decoded.bad_series and not refused:', 'if not refused:'),
+     'if not (decoded.bad_series or decoded.future or refused):', 'if not refused:'),
     (EXPOSITION + HTTP, 'self-metric: the +Inf bucket counts every write',
      "buckets.append(('{le=\"+Inf\"}', counters.write_duration_count))",
      "buckets.append(('{le=\"+Inf\"}', 0))"),
@@ -288,11 +447,19 @@ MUTANTS = [
      'if protocol == PROTO_RW1:\n            # Remote-write 2.0 spec'),
     (HTTP, 'RW2 samples written leave out the refused', 'written = decoded.samples_total - refused',
      'written = decoded.samples_total'),
-    (HTTP, 'invalid series are 400', "raise RequestError(400, f'{decoded.bad_series} invalid",
-     "raise RequestError(422, f'{decoded.bad_series} invalid"),
+    (HTTP, 'a write applied in part is 400', 'raise RequestError(400, write_refusal_reason(',
+     'raise RequestError(422, write_refusal_reason('),
+    (HTTP, 'invalid series are 400', 'if decoded.bad_series or decoded.future or refused:',
+     'if decoded.future or refused:'),
     (HTTP + STORE, 'samples over the series limit are 400',
-     "raise RequestError(400, f'{refused} samples of new series refused",
-     "raise RequestError(429, f'{refused} samples of new series refused"),
+     'if decoded.bad_series or decoded.future or refused:',
+     'if decoded.bad_series or decoded.future:'),
+    (HTTP + SENDERS, 'samples ahead of the clock are 400',
+     'if decoded.bad_series or decoded.future or refused:',
+     'if decoded.bad_series or refused:'),
+    (HTTP + SENDERS + EXPOSITION, 'self-metric: samples ahead of the clock',
+     "counters.ignored['future_timestamp'] += decoded.future",
+     "counters.ignored['future_timestamp'] += 0"),
     (HTTP, 'a fault of ours is 500', "text_response(500, 'internal error",
      "text_response(503, 'internal error"),
     (HTTP, 'decodes are bounded by the slots', 'with self.decode_slots:',
@@ -306,6 +473,25 @@ MUTANTS = [
      "elif credentials and not credentials.allow(environ.get('HTTP_AUTHORIZATION', '')):",
      "elif credentials and not environ.get('HTTP_AUTHORIZATION', ''):"),
     (SECURITY, '401 carries the challenge', 'credentials.challenge())', '[])'),
+    # Pages.
+    (PAGES, 'pages: text is HTML-escaped', 'return html.escape(str(value), quote=True)',
+     'return str(value)'),
+    (PAGES, 'pages: quotes are escaped in attribute values',
+     'return html.escape(str(value), quote=True)', 'return html.escape(str(value), quote=False)'),
+    (PAGES, 'pages: table cells are escaped', "return f'<td{attribute}>{escape_html(value)}</td>'",
+     "return f'<td{attribute}>{value}</td>'"),
+    (PAGES, 'pages: the pod name of a /pods row is escaped',
+     '">{escape_html(key.pod)}</a></td>', '">{key.pod}</a></td>'),
+    (PAGES, 'pages: the namespace filter is escaped in its input',
+     'value="{escape_html(namespace)}"', 'value="{namespace}"'),
+    (PAGES, 'pages: row links quote the pod name',
+     'pod={quote(key.pod, safe="")}', 'pod={key.pod}'),
+    (PAGES, 'pages: a query that is not UTF-8 is read with replacement characters',
+     ".decode('utf-8', 'replace')", ".decode('utf-8')"),
+    (PAGES, 'pages: the page title is escaped', '<title>{escape_html(title)} - k8s_exporter',
+     '<title>{title} - k8s_exporter'),
+    (PAGES, 'pages: refusals are not sniffed as HTML', "[('X-Content-Type-Options', 'nosniff')]",
+     '[]'),
     # Entry point and serving.
     (GUNICORN_MALLOC, 'one malloc arena', '(_M_ARENA_MAX, MALLOC_ARENAS),',
      '(_M_ARENA_MAX, 8),'),
@@ -330,6 +516,10 @@ EQUIVALENT = {
     'varint continuation bit':
         'only the RW2 fast path encodes with it, the __name__ ref it looks for: a wrong '
         'prefix matches no series, which then take the full path to the same samples',
+    'a shared identity is forgotten with the key that shared it':
+        'a pod still marked as sharing an identity takes the comparison of counted_series, '
+        'which gives what Slots.values gives when no two keys share one, and re-renders '
+        'equal values that change no bits: only work is lost',
     'HELP text is escaped':
         'no HELP text written holds a backslash or newline: the seed\'s texts, and metric '
         'names, which K8S_EXPORTER_METRICS checks; escape_help has its own test',
@@ -355,7 +545,8 @@ def test_sections(text):
 
 
 def select_tests(sections, wanted):
-    """The test names of the wanted sections (titles, case-insensitive, or test_ prefixes)."""
+    """The test names of the wanted sections (title prefixes, case-insensitive,
+    or test_ prefixes)."""
     titles = {title.lower(): names for title, names in sections.items()}
     every = [name for names in sections.values() for name in names]
     selected = []
@@ -363,7 +554,8 @@ def select_tests(sections, wanted):
         if entry.startswith('test_'):
             selected += [name for name in every if name.startswith(entry)]
         else:
-            selected += titles.get(entry.lower(), [])
+            selected += [name for title, names in titles.items()
+                         if title.startswith(entry.lower()) for name in names]
     return list(dict.fromkeys(selected))
 
 
@@ -438,11 +630,22 @@ def stop_group(process):
 # The pass ####################################################################
 ###############################################################################
 
-def plan(source, sections, only):
+def parse_numbers(text):
+    """{1, 4, 5, 6} of '1,4-6': the mutants' numbers as --list shows them."""
+    numbers = set()
+    for part in filter(None, text.replace(' ', '').split(',')):
+        low, _, high = part.partition('-')
+        numbers.update(range(int(low), int(high or low) + 1))
+    return numbers
+
+
+def plan(source, sections, only, numbers=None):
     """(number, sections, rule, mutated source or None, tests) per mutant."""
     rows = []
     for number, (wanted, rule, text, replacement) in enumerate(MUTANTS, 1):
         if only and not any(only.lower() in part.lower() for part in (rule, *wanted)):
+            continue
+        if numbers and number not in numbers:
             continue
         rows.append((number, wanted, rule, apply_mutant(source, text, replacement),
                      select_tests(sections, wanted)))
@@ -453,12 +656,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--list', action='store_true', help='list the mutants and exit')
     parser.add_argument('--only', default='', help='mutants whose rule or section holds this')
+    parser.add_argument('--numbers', type=parse_numbers, default=None,
+                        help="mutants by their --list numbers: '3,4,60-75'")
     parser.add_argument('--timeout', type=float, default=900,
                         help='seconds for the tests of one mutant (default 900)')
     args = parser.parse_args(argv)
     source = EXPORTER.read_text()
     sections = test_sections(TESTS.read_text())
-    rows = plan(source, sections, args.only)
+    rows = plan(source, sections, args.only, args.numbers)
     if args.list:
         for number, _, rule, mutated, tests in rows:
             state = 'n/a: text not found once' if mutated is None else f'{len(tests)} tests'
