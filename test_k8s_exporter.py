@@ -1381,6 +1381,18 @@ def test_samples_more_than_10_minutes_ahead_are_refused_counted_and_the_rest_app
     assert counters[('k8s_exporter_write_requests_total', (('result', 'partial'),))] == 1
 
 
+@pytest.mark.parametrize('protocol', [PROTO_RW1, PROTO_RW2], ids=['rw1', 'rw2'])
+def test_ten_minutes_ahead_is_the_last_millisecond_kept(protocol):
+    # Prometheus's write handler: maxAheadTime of 10 minutes, inclusive.
+    now_ms = 1_700_000_000_000
+    build = rw1_body if protocol == PROTO_RW1 else rw2_body
+    table = [(cadvisor(MEMORY, 'ns', 'edge'), [(1, now_ms + 600_000)]),
+             (cadvisor(MEMORY, 'ns', 'past'), [(2, now_ms + 600_001)])]
+    decoded = decode_write_request(build(table, compress=False), protocol,
+                                   {MEMORY: 0}, 'c', now_ms=now_ms)
+    assert [(sample.pod.pod, sample.value) for sample in decoded.samples] == [('edge', 1.0)]
+
+
 @pytest.mark.parametrize('protocol', [1, 2])
 def test_invalid_series_counts_samples_not_series(protocol):
     app = fresh_app()
@@ -2419,6 +2431,40 @@ def test_the_memory_limit_is_the_pod_cgroups_and_0_means_none():
         'limited': 268435456, 'unlimited': 0}
 
 
+def test_a_single_containers_counter_keeps_its_carry_after_a_restart():
+    app = fresh_app(metrics=(CPU_USAGE,), ttl_seconds=10)
+    post(app, [(cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', cpu='total'),
+                [(100.0, 1000)])])
+    expire_all_but_the_last_write(app, lambda: post(app, [(cadvisor(
+        CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c2', cpu='total'), [(2.0, 2000)])]))
+    assert value_of(app, CPU_USAGE) == 102.0
+
+
+def test_a_forgotten_pod_cgroup_carries_nothing_into_the_containers_sum():
+    # The pod cgroup's counter is the pod's, not a container's: when it goes,
+    # the pod falls back to its containers alone.
+    app = fresh_app(metrics=(CPU_USAGE,), ttl_seconds=10)
+    container = cadvisor(CPU_USAGE, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', cpu='total')
+    post(app, [(cadvisor(CPU_USAGE, 'ns', 'p', cgroup=POD_UID_OLD, cpu='total'), [(50.0, 1000)]),
+               (container, [(40.0, 1000)])])
+    assert value_of(app, CPU_USAGE) == 50.0
+    expire_all_but_the_last_write(app, lambda: post(app, [(container, [(41.0, 2000)])]))
+    assert value_of(app, CPU_USAGE) == 41.0
+
+
+def test_network_counters_carry_only_the_sandbox_across_a_restart():
+    app = fresh_app(metrics=(NETWORK_RX,), ttl_seconds=10)
+    sandbox = cadvisor(NETWORK_RX, 'ns', 'p', 'POD', f'{POD_UID_OLD}/p1', interface='eth0')
+    post(app, [(sandbox, [(1000.0, 1000)]),
+               (cadvisor(NETWORK_RX, 'ns', 'p', 'app', f'{POD_UID_OLD}/c1', interface='eth0'),
+                [(700.0, 1000)])])
+    expire_all_but_the_last_write(app, lambda: post(app, [
+        (sandbox, [(1100.0, 2000)]),
+        (cadvisor(NETWORK_RX, 'ns', 'p', 'app', f'{POD_UID_OLD}/c2', interface='eth0'),
+         [(5.0, 2000)])]))
+    assert value_of(app, NETWORK_RX) == 1100.0
+
+
 @pytest.mark.parametrize('name', ['container_memory_swap', 'container_fs_inodes_free'])
 def test_an_unknown_metric_name_is_a_gauge_with_a_generic_help_and_its_prefix_rule(name):
     app = fresh_app(metrics=(name,))
@@ -2831,6 +2877,44 @@ def test_ended_series_count_towards_the_series_limit_until_the_ttl():
     status, _, body = post(app, [(cadvisor(MEMORY, 'ns', 'b', cgroup=POD_UID_NEW), [(2, 3000)])])
     assert (status, memory_of(app, 'b')) == (400, None)
     assert b'K8S_EXPORTER_MAX_SERIES=1 reached' in body
+
+
+def expire_all_but_the_last_write(app, write):
+    """Write, then expire everything that arrived before that write (TTL 10 s)."""
+    before = time.monotonic()
+    time.sleep(0.01)
+    write()
+    app.store.expire(now=before + 10)
+
+
+def test_a_series_of_one_cgroup_outlives_its_sibling_metric_expiring():
+    # cpu load and memory of one cgroup share a key: forgetting one keeps the other.
+    app = fresh_app(ttl_seconds=10)
+    cpu = 'container_cpu_load_average_10s'
+    post(app, [(cadvisor(cpu, 'ns', 'p', cgroup=POD_UID_OLD), [(3, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(100, 1000)])])
+    expire_all_but_the_last_write(app, lambda: post(
+        app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(110, 2000)])]))
+    assert (value_of(app, cpu), memory_of(app)) == (None, 110)
+
+
+@pytest.mark.parametrize('why', ['stale-marker-only', 'series-limit'])
+def test_a_new_pod_left_empty_by_its_samples_is_not_held(why):
+    app = fresh_app(max_series=1)
+    post(app, [(cadvisor(MEMORY, 'ns', 'held', cgroup=POD_UID_OLD), [(1, 1000)])])
+    value = STALE_NAN if why == 'stale-marker-only' else 5.0
+    post(app, [(cadvisor(MEMORY, 'ns', 'empty', cgroup=POD_UID_NEW), [(value, 1000)])])
+    assert [key.pod for key in app.store.pod_keys()] == ['held']
+
+
+def test_a_later_arrival_of_an_older_generation_does_not_take_over():
+    # c1's sample at 2000 is newer than c1's own last, older than c2's 3000.
+    app = fresh_app()
+    old = container_series(MEMORY, 'app', f'{POD_UID_OLD}/c1')
+    new = container_series(MEMORY, 'app', f'{POD_UID_OLD}/c2')
+    post(app, [(old, [(300, 1000)]), (new, [(20, 3000)])])
+    post(app, [(old, [(310, 2000)])])
+    assert memory_of(app) == 20
 
 
 # Kubernetes' CRI stats mode (KEP-2371, feature gate PodAndContainerStatsFromCRI):
