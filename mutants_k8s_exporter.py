@@ -44,7 +44,7 @@ CONFIG = ('Configuration', 'Operations')
 PROTOCOL = ('Remote-write decoding', 'Protocol')
 PODS = ('cAdvisor series to pods', 'Real kubelet captures', 'Pod rules',
         'test_model_pod_cgroup_test_agrees')
-STORE = ('The store', 'Lifecycle')
+STORE = ('The store', "Through a pod's life", 'Lifecycle')
 LIFE = ("Through a pod's life",)
 JUDGED = ('The metrics pods are judged by',)
 SENDERS = ('Every sender',)
