@@ -59,9 +59,13 @@ proto: $(VENV)/.dev ## regenerate remote_pb2.py from remote.proto
 lint: $(VENV)/.dev ## ruff
 	$(BIN)/ruff check .
 
+# The labels are given on the command line too: podman's layer cache keeps
+# a LABEL made from an ARG as it was first built, whatever VERSION is now.
 image: ## build the container image $(IMAGE) from the Dockerfile
 	$(CONTAINER_TOOL) build $(if $(filter podman,$(CONTAINER_TOOL)),$(PODMAN_BUILD_ARGS)) \
-	  --build-arg VERSION=$(VERSION) --build-arg SOURCE=$(SOURCE) $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
+	  --build-arg VERSION=$(VERSION) --build-arg SOURCE=$(SOURCE) \
+	  --label org.opencontainers.image.version=$(VERSION) \
+	  --label org.opencontainers.image.source=$(SOURCE) $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
 
 shards: ## write shards-$(SHARDS)/: a StatefulSet of SHARDS exporters and both Prometheus configs
 	@$(PYTHON) examples/kubernetes/shards.py $(SHARDS)
