@@ -913,10 +913,6 @@ def pod_series_identity(labels, default_cluster, part_label=''):
     return pod_key, series_key
 
 
-def aggregation_rule(metric_name):
-    return metric_spec(metric_name).rule
-
-
 def pod_value(rule, series, carried=0.0):
     """The pod's value from its input series, [(SeriesKey, value), ...], or None.
 
@@ -1888,7 +1884,7 @@ tr.not td{color:#7d8590}.yes{color:#1a7f37;font-weight:600}
 .muted{color:#57606a}form{margin:.5em 0 1em}input{margin-right:1em}
 '''
 
-# How each rule reads on /pod; the rule names are aggregation_rule's.
+# How each rule reads on /pod; the rule names are MetricSpec.rule's.
 RULE_TEXT = {
     RULE_POD_CGROUP: 'the pod cgroup series if there is one, else the sum of the containers',
     RULE_POD_LIMIT: "the pod cgroup series only: the containers' limits do not add up",

@@ -1890,9 +1890,9 @@ def test_fs_rules_without_container_series_give_no_value():
 
 
 def test_aggregation_rule_per_metric_name():
-    assert [k8s_exporter.aggregation_rule(name) for name in EXPORTED_METRICS] == [
+    assert [k8s_exporter.metric_spec(name).rule for name in EXPORTED_METRICS] == [
         'pod_cgroup', 'device', 'sum', 'pod_cgroup', 'pod_cgroup']
-    assert k8s_exporter.aggregation_rule('container_fs_inodes_total') == 'sum'
+    assert k8s_exporter.metric_spec('container_fs_inodes_total').rule == 'sum'
 
 
 @pytest.mark.parametrize('values, total', [
