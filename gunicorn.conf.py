@@ -3,20 +3,23 @@
 gunicorn reads this file when it starts in this folder, so `make run`,
 plain `gunicorn k8s_exporter:app`, `python3 k8s_exporter.py` (which runs
 gunicorn with it) and the launcher of the tests, the bench and the demo
-(demo_k8s_exporter.ExporterProcess) all serve alike; flags on the command
-line override these.
+(demo_k8s_exporter.ExporterProcess) all serve alike. From another folder,
+name it: `gunicorn -c /path/to/gunicorn.conf.py k8s_exporter:app`; without
+it, k8s_exporter refuses to start. Flags on the command line override these
+settings, except the two the exporter needs: one worker, and its worker class.
 """
 import os
 import sys
 
 bind = ['0.0.0.0:9201']
 # One worker: the store is in the worker's memory. Threads let a scrape run
-# while writes are applied and keep one slow client from holding the worker.
+# while writes are applied; the worker class reads each request whole in
+# its main thread before a thread takes it, so no client can hold a thread.
 workers = 1
-worker_class = 'gthread'
+worker_class = 'k8s_exporter.ExporterWorker'
 threads = 8
-# A write of the largest allowed body decodes in well under a second; a
-# client that stalls longer than this is cut off.
+# A write of the largest allowed body decodes in well under a second; the
+# worker is restarted if its main loop stops for this long.
 timeout = 60
 graceful_timeout = 30
 keepalive = 75   # longer than Prometheus's idle connection reuse
@@ -29,9 +32,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def on_starting(server):
-    """Check the environment once, before forking, and say what is wrong in one line."""
+    """Check the environment and the serving settings once, before forking;
+    say what is wrong in one line."""
     import k8s_exporter
     k8s_exporter.load_config_or_exit(warn=True)
+    k8s_exporter.check_serving_or_exit(server)
+
+
+def nworkers_changed(server, new_value, old_value):
+    """`kill -TTIN` would add a worker with a store of its own: stay at one."""
+    import k8s_exporter
+    k8s_exporter.keep_one_worker(server, new_value, old_value)
 
 
 def post_fork(server, worker):
@@ -41,6 +52,6 @@ def post_fork(server, worker):
 
 
 def when_ready(server):
-    """Cut off clients that stall mid-request (see k8s_exporter.set_receive_timeout)."""
+    """SIGHUP would restart the worker and so empty the store: ignore it."""
     import k8s_exporter
-    k8s_exporter.set_receive_timeout(listener.sock for listener in server.LISTENERS)
+    k8s_exporter.ignore_hangup(server)

@@ -38,6 +38,7 @@ import bisect
 import collections
 import ctypes
 import dataclasses
+import errno
 import functools
 import hmac
 import html
@@ -47,7 +48,10 @@ import math
 import operator
 import os
 import re
+import selectors
+import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -73,6 +77,10 @@ try:
     import snappy
     from google.protobuf.message import DecodeError
     from google.protobuf.unknown_fields import UnknownFieldSet
+    from gunicorn import http as gunicorn_http
+    from gunicorn.errors import AppImportError
+    from gunicorn.sock import ssl_context
+    from gunicorn.workers.gthread import TConn, ThreadWorker
 
     import remote_pb2
 except Exception as _error:   # ImportError, or protobuf's VersionError for 5.x
@@ -82,7 +90,8 @@ except Exception as _error:   # ImportError, or protobuf's VersionError for 5.x
 
 __version__ = '1.0.0'
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 LOG = logging.getLogger('k8s_exporter')
 
 
@@ -179,10 +188,11 @@ class Config:
     # than two with four senders, and bounds decoding memory to one body.
     max_concurrent_decodes: int = 1
     listen: str = '0.0.0.0:9201'
-    # Credentials are read from files at start-up; repr=False keeps them out
-    # of logs and tracebacks.
+    # Credentials are read from files at start-up, and again when the files
+    # change (CredentialFiles); repr=False keeps them out of logs and tracebacks.
     write_auth: 'Credentials' = dataclasses.field(default=None, repr=False)
     metrics_auth: 'Credentials' = dataclasses.field(default=None, repr=False)
+    credential_files: tuple = dataclasses.field(default=(), repr=False)   # (variable, path)
 
     @classmethod
     def from_environ(cls, environ):
@@ -204,6 +214,8 @@ class Config:
             listen=_env_listen(environ, 'K8S_EXPORTER_LISTEN', defaults.listen),
             write_auth=Credentials.from_files(environ, 'K8S_EXPORTER_WRITE'),
             metrics_auth=Credentials.from_files(environ, 'K8S_EXPORTER_METRICS'),
+            credential_files=tuple((name, environ[name]) for name in CREDENTIAL_FILE_VARIABLES
+                                   if environ.get(name, '').strip()),
         )
 
 
@@ -213,14 +225,14 @@ class Credentials(NamedTuple):
     The forms Prometheus sends from remote_write and scrape configs
     (`authorization` and `basic_auth`).
     """
-    bearer_tokens: tuple      # bytes
+    bearer_tokens: tuple      # bytes; a line each, so that a rotation can overlap
     basic_pairs: tuple        # b'user:password'
 
     @classmethod
     def from_files(cls, environ, prefix):
         token_variable = f'{prefix}_BEARER_TOKEN_FILE'
         basic_variable = f'{prefix}_BASIC_AUTH_FILE'
-        tokens = tuple(_read_secret_lines(environ, token_variable)[:1])
+        tokens = tuple(_read_secret_lines(environ, token_variable))
         pairs = tuple(_read_secret_lines(environ, basic_variable))
         for pair in pairs:
             if b':' not in pair:
@@ -259,14 +271,61 @@ class Credentials(NamedTuple):
         return headers
 
 
+CREDENTIALS_POLL_SECONDS = 5
+
+
+class CredentialFiles:
+    """An endpoint's credentials, read again from their files when these change.
+
+    A Kubernetes Secret volume rotates its files by swapping a `..data`
+    symlink: the path stays, the file it leads to is new. So the files are
+    read again, on the first request CREDENTIALS_POLL_SECONDS after the last
+    reading, and new credentials are in force from that request on. A new
+    file that is bad (unreadable, empty, a line without ':') leaves the
+    credentials in force and is logged, once.
+    """
+
+    def __init__(self, environ, prefix, credentials):
+        self.environ = environ          # the variables that name the files
+        self.prefix = prefix            # K8S_EXPORTER_WRITE or K8S_EXPORTER_METRICS
+        self.credentials = credentials
+        self._lock = threading.Lock()
+        self._read_at = time.monotonic()
+        self._problem = ''
+
+    def current(self, now):
+        """The credentials in force at now (time.monotonic())."""
+        if now - self._read_at >= CREDENTIALS_POLL_SECONDS and self.environ:
+            with self._lock:
+                if now - self._read_at >= CREDENTIALS_POLL_SECONDS:
+                    self._read_at = now
+                    self._read_again()
+        return self.credentials
+
+    def _read_again(self):
+        try:
+            credentials = Credentials.from_files(self.environ, self.prefix)
+        except ConfigError as error:
+            if str(error) != self._problem:
+                LOG.warning('%s; the credentials read before stay in force', error)
+            self._problem = str(error)
+            return
+        self._problem = ''
+        if credentials != self.credentials:
+            LOG.info('%s_* files changed: the new credentials are in force', self.prefix)
+            self.credentials = credentials
+
+
+CREDENTIAL_FILE_VARIABLES = (
+    'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE', 'K8S_EXPORTER_WRITE_BASIC_AUTH_FILE',
+    'K8S_EXPORTER_METRICS_BEARER_TOKEN_FILE', 'K8S_EXPORTER_METRICS_BASIC_AUTH_FILE')
+
 # The variables Config reads. Tests and tools use TEST_K8S_EXPORTER_* for
 # their own, so that these stay the exporter's alone.
 ENVIRONMENT_VARIABLES = (
     'K8S_EXPORTER_CLUSTER', 'K8S_EXPORTER_TTL_SECONDS', 'K8S_EXPORTER_METRICS',
     'K8S_EXPORTER_MAX_BODY_BYTES', 'K8S_EXPORTER_MAX_DECODED_BYTES', 'K8S_EXPORTER_MAX_SERIES',
-    'K8S_EXPORTER_MAX_CONCURRENT_DECODES', 'K8S_EXPORTER_LISTEN',
-    'K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE', 'K8S_EXPORTER_WRITE_BASIC_AUTH_FILE',
-    'K8S_EXPORTER_METRICS_BEARER_TOKEN_FILE', 'K8S_EXPORTER_METRICS_BASIC_AUTH_FILE')
+    'K8S_EXPORTER_MAX_CONCURRENT_DECODES', 'K8S_EXPORTER_LISTEN', *CREDENTIAL_FILE_VARIABLES)
 
 # cAdvisor's container metrics (v0.49, as the kubelet serves them): a name
 # in K8S_EXPORTER_METRICS outside these is most likely a typo, which would
@@ -1578,6 +1637,7 @@ WRITE_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 IGNORE_REASONS = ('unexported_metric', 'no_pod', 'out_of_order', 'invalid_series',
                   'series_limit', 'future_timestamp')
 WRITE_RESULTS = ('applied', 'partial', 'refused')
+CUT_OFF_REASONS = ('silent', 'slow_body', 'slow_headers')   # see ExporterWorker
 
 
 class SelfMetrics:
@@ -1596,6 +1656,7 @@ class SelfMetrics:
         self.write_duration_count = 0
         self.write_duration_sum = 0.0
         self.handler_errors = {'encoding': 0, 'gathering': 0}
+        self.cut_off = dict.fromkeys(CUT_OFF_REASONS, 0)
 
     def copy(self):
         other = SelfMetrics.__new__(SelfMetrics)
@@ -1719,6 +1780,10 @@ def render_self_metrics(snapshot, process):
 
     family('k8s_exporter_build_info', 'gauge', 'k8s_exporter version and runtime.',
            [(f'{{python="{sys.version.split()[0]}",version="{__version__}"}}', 1)])
+    family('k8s_exporter_connections_cut_off_total', 'counter',
+           'Connections closed for sending nothing, or their headers or body too slowly.',
+           [(f'{{reason="{reason}"}}', count)
+            for reason, count in sorted(counters.cut_off.items())])
     family('k8s_exporter_expired_series_total', 'counter',
            'Input series forgotten after K8S_EXPORTER_TTL_SECONDS without a sample.',
            [('', counters.expired_series)])
@@ -2260,7 +2325,8 @@ WRITE_PATHS = ('/write', '/api/v1/write')
 HTTP_REASONS = {200: 'OK', 204: 'No Content', 400: 'Bad Request', 401: 'Unauthorized',
                 404: 'Not Found', 405: 'Method Not Allowed', 408: 'Request Timeout',
                 413: 'Content Too Large', 415: 'Unsupported Media Type',
-                500: 'Internal Server Error'}
+                431: 'Request Header Fields Too Large', 500: 'Internal Server Error',
+                503: 'Service Unavailable'}
 
 
 class Exporter:
@@ -2275,18 +2341,23 @@ class Exporter:
         # Bounds the memory of decoding: each decode holds up to
         # max_decoded_bytes of payload plus its parsed messages.
         self.decode_slots = threading.BoundedSemaphore(config.max_concurrent_decodes)
-        # path -> (handler name for self-metrics, allowed methods, method, credentials)
+        files = dict(config.credential_files)
+        write_auth = config.write_auth and CredentialFiles(files, 'K8S_EXPORTER_WRITE',
+                                                           config.write_auth)
+        metrics_auth = config.metrics_auth and CredentialFiles(files, 'K8S_EXPORTER_METRICS',
+                                                               config.metrics_auth)
+        # path -> (handler name for self-metrics, allowed methods, method, CredentialFiles)
         self.routes = {
-            '/metrics': ('metrics', ('GET', 'HEAD'), self.serve_metrics, config.metrics_auth),
+            '/metrics': ('metrics', ('GET', 'HEAD'), self.serve_metrics, metrics_auth),
             '/-/healthy': ('health', ('GET', 'HEAD'), self.serve_health, None),
             '/-/ready': ('health', ('GET', 'HEAD'), self.serve_health, None),
             # The pages show what /metrics shows, and more: behind its credentials.
-            '/': ('index', ('GET', 'HEAD'), self.serve_index, config.metrics_auth),
-            '/pods': ('pods', ('GET', 'HEAD'), self.serve_pods, config.metrics_auth),
-            '/pod': ('pod', ('GET', 'HEAD'), self.serve_pod, config.metrics_auth),
+            '/': ('index', ('GET', 'HEAD'), self.serve_index, metrics_auth),
+            '/pods': ('pods', ('GET', 'HEAD'), self.serve_pods, metrics_auth),
+            '/pod': ('pod', ('GET', 'HEAD'), self.serve_pod, metrics_auth),
         }
         for path in WRITE_PATHS:
-            self.routes[path] = ('write', ('POST',), self.receive_write, config.write_auth)
+            self.routes[path] = ('write', ('POST',), self.receive_write, write_auth)
 
     def __call__(self, environ, start_response):
         self.store.start_sweeper()
@@ -2294,7 +2365,8 @@ class Exporter:
         if route is None:
             handler, response = 'unknown', text_response(404, 'not found; see / for the endpoints')
         else:
-            handler, methods, serve, credentials = route
+            handler, methods, serve, credential_files = route
+            credentials = credential_files and credential_files.current(time.monotonic())
             if environ['REQUEST_METHOD'] not in methods:
                 response = text_response(405, f'method {_clip(environ["REQUEST_METHOD"], 20)} '
                                               'not allowed', [('Allow', ', '.join(methods))])
@@ -2320,6 +2392,20 @@ class Exporter:
                                           environ.get('REMOTE_ADDR', ''))
         start_response(f'{status} {HTTP_REASONS.get(status, "")}'.rstrip(), headers)
         return [] if environ['REQUEST_METHOD'] == 'HEAD' else chunks
+
+    def refuse_unread(self, method, path, status, reason, client):
+        """The response to a request ExporterWorker refuses before the app reads it.
+
+        Counted as the app counts its own refusals once its head has come
+        (method is '' before); client is gunicorn's peer address.
+        """
+        if method:
+            handler = self.routes.get(path, ('unknown',))[0]
+            self.store.count(lambda counters: _count_refused_unread(counters, handler, status))
+            if handler == 'write':
+                address = client[0] if isinstance(client, tuple) else str(client or '')
+                self.store.note_refused_write(time.time(), status, reason, address)
+        return text_response(status, reason)
 
     # -- POST /write ---------------------------------------------------------
 
@@ -2421,6 +2507,16 @@ class Exporter:
                                              time.time()))
 
 
+def _count_cut_off(counters, reason):
+    counters.cut_off[reason] += 1
+
+
+def _count_refused_unread(counters, handler, status):
+    _count_request(counters, handler, status)
+    if handler == 'write':
+        counters.write_results['refused'] += 1
+
+
 def _count_gathering_error(counters):
     counters.handler_errors['gathering'] += 1
 
@@ -2501,17 +2597,13 @@ def read_body(environ, max_body_bytes):
 def _read(stream, size):
     try:
         return stream.read(size)
-    except (TimeoutError, BlockingIOError):
-        # The receive timeout set on gunicorn's sockets (RECEIVE_TIMEOUT_SECONDS)
-        # ends a client that stopped sending half way.
-        raise RequestError(408, 'request body not received in time') from None
     except OSError:
-        # gunicorn's NoMoreData: the connection ended inside the body.
+        # gunicorn's NoMoreData: the body ended before its length.
         raise RequestError(400, 'request body ended early') from None
     except Exception:
         # The server's own parse errors (gunicorn.http.errors.InvalidChunkSize,
         # ChunkMissingTerminator, ...) are the client's fault: a 400, not a
-        # traceback and a 500. They cannot be named without importing gunicorn.
+        # traceback and a 500.
         raise RequestError(400, 'malformed chunked request body') from None
 
 
@@ -2561,11 +2653,19 @@ def load_config_or_exit(warn=False):
 def __getattr__(name):
     """`k8s_exporter:app`: the Exporter, made from the environment when first asked for.
 
-    Importing the module only defines things; gunicorn's worker asks for
-    `app` once, after its post_fork hook has tuned malloc.
+    Importing the module only defines things. Under gunicorn, the app is
+    made by ExporterWorker, which gunicorn.conf.py names and which never asks
+    for `app`: a gunicorn that asks was started without that file (from
+    another folder, with another config file, or with --preload) and would
+    serve with none of the exporter's settings, so it is refused with the
+    line that says how to start.
     """
     if name != 'app':
         raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    if 'gunicorn.arbiter' in sys.modules:
+        raise AppImportError(f'k8s_exporter: gunicorn was started without k8s_exporter\'s '
+                             'gunicorn.conf.py (or with --preload), so with none of its '
+                             f'settings: start it as {start_command()}')
     global app
     app = Exporter(load_config_or_exit())
     return app
@@ -2605,21 +2705,433 @@ def tune_malloc():
 
 
 ###############################################################################
-# Entry point #################################################################
+# Serving #####################################################################
 ###############################################################################
 
-# gunicorn's threaded worker reads a request on a blocking socket with no
-# timeout, so a client that stops half way through its headers or body
-# holds one of the eight threads for ever. SO_RCVTIMEO on the listening
-# socket is inherited by every accepted one and ends such a read.
-RECEIVE_TIMEOUT_SECONDS = 10
+# gunicorn's threaded worker gives a connection to a pool thread as soon as
+# it is accepted, and the thread reads the request from the socket itself:
+# eight clients that sent a byte every 4 s held all eight threads, and with
+# them every write and scrape, for 35 s; 50 that sent nothing, for 28 s.
+# ExporterWorker reads every request in the worker's main thread, from one
+# selector over all connections, and hands a pool thread only a request that
+# has arrived whole, so a thread never waits for a client. One that does not
+# keep up is cut off:
+HEADER_DEADLINE_SECONDS = 10        # from accept, or a kept-alive request's first byte
+BODY_GRACE_SECONDS = 10             # then the body may start slowly, but must keep up
+MIN_BODY_BYTES_PER_SECOND = 256 * KiB   # a mean of this much: 10 MiB within 50 s
+# Prometheus sends ~300 bytes of headers; gunicorn's own limits allow ~800 KiB.
+MAX_HEADER_BYTES = 32 * KiB
+LINGER_SECONDS = 2                  # a refused client's unread bytes are read and dropped
+READ_SIZE = 256 * KiB
+CUT_OFF_LOG_INTERVAL_SECONDS = 60
+WORKER_CLASS = 'k8s_exporter.ExporterWorker'
 
 
-def set_receive_timeout(sockets, seconds=RECEIVE_TIMEOUT_SECONDS):
-    timeval = struct.pack('ll', int(seconds), int(seconds % 1 * 1e6))
-    for listening_socket in sockets:
-        listening_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+class RequestRefused(Exception):
+    """A request the worker answers itself, before a thread would read it."""
 
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class IncomingRequest:
+    """One request's bytes as they arrive, and where the request ends.
+
+    It frames HTTP/1.1 only as far as finding the end takes (RFC 9112,
+    section 6: Content-Length or chunked); gunicorn's parser reads the
+    request from these bytes in a pool thread and judges the rest. A request
+    whose end cannot be told (two lengths, an unknown coding, a bad chunk
+    size) is refused here with 400: handed over, its parser would wait on
+    the socket for bytes that may never come.
+    """
+
+    def __init__(self, started, data=b'', handshaking=False):
+        self.started = started          # time.monotonic()
+        self.data = bytearray(data)
+        self.handshaking = handshaking  # TLS, before its handshake is done
+        self.head_end = 0               # offset after the blank line, once it came
+        self.body_started = 0.0
+        self.end = 0                    # offset after the request, once known
+        self.chunk_at = 0               # chunked: where the next size line starts
+        self.chunked_size = 0
+        self.method = self.path = ''
+        self.expects_continue = False
+
+    def deadline(self):
+        """When it is cut off if it is not whole by then."""
+        if not self.head_end:
+            return self.started + HEADER_DEADLINE_SECONDS
+        received = len(self.data) - self.head_end
+        return self.body_started + BODY_GRACE_SECONDS + received / MIN_BODY_BYTES_PER_SECOND
+
+    def whole_length(self, now, max_body_bytes):
+        """The request's length in self.data once all of it is there, else 0.
+
+        Raises RequestRefused for headers over MAX_HEADER_BYTES and bodies
+        over max_body_bytes, as soon as either shows.
+        """
+        if not self.head_end:
+            blank_line = self.data.find(b'\r\n\r\n', 0, MAX_HEADER_BYTES)
+            if blank_line < 0:
+                if len(self.data) >= MAX_HEADER_BYTES:
+                    self._read_request_line(bytes(self.data.partition(b'\r\n')[0]))
+                    raise RequestRefused(431, f'request headers exceed {MAX_HEADER_BYTES} bytes')
+                return 0
+            self.head_end, self.body_started = blank_line + 4, now
+            self._read_head(bytes(self.data[:blank_line]), max_body_bytes)
+        if self.chunk_at:
+            self._find_last_chunk(max_body_bytes)
+        return self.end if self.end and len(self.data) >= self.end else 0
+
+    def _read_request_line(self, request_line):
+        method, _, rest = request_line.partition(b' ')
+        self.method = method.decode('latin-1')
+        self.path = rest.partition(b' ')[0].partition(b'?')[0].decode('latin-1')
+
+    def _read_head(self, head, max_body_bytes):
+        request_line, *fields = head.split(b'\r\n')
+        self._read_request_line(request_line)
+        lengths, codings = [], []
+        for field in fields:
+            name, _, value = field.partition(b':')
+            name, value = name.strip().lower(), value.strip()
+            if name == b'content-length':
+                lengths.append(value)
+            elif name == b'transfer-encoding':
+                codings.extend(coding.strip().lower() for coding in value.split(b','))
+            elif name == b'expect':
+                self.expects_continue = value.lower() == b'100-continue'
+        if codings:
+            if lengths or codings[-1] != b'chunked':
+                raise RequestRefused(400, 'cannot tell where the body ends: Transfer-Encoding '
+                                          'must end in chunked, without Content-Length')
+            self.chunk_at = self.head_end
+        elif lengths:
+            if len(set(lengths)) != 1 or not lengths[0].isdigit():
+                raise RequestRefused(400, 'cannot tell where the body ends: bad Content-Length '
+                                          f'{_clip(b",".join(lengths).decode("latin-1"), 20)!r}')
+            length = int(lengths[0])
+            if length > max_body_bytes:
+                raise RequestRefused(413, f'body of {length} bytes exceeds the limit of '
+                                          f'{max_body_bytes}')
+            self.end = self.head_end + length
+        else:
+            self.end = self.head_end
+
+    def _find_last_chunk(self, max_body_bytes):
+        data = self.data
+        while self.chunk_at and len(data) > self.chunk_at:
+            line_end = data.find(b'\r\n', self.chunk_at, self.chunk_at + 1024)
+            if line_end < 0:
+                if len(data) - self.chunk_at >= 1024:    # no size line is that long
+                    raise RequestRefused(400, 'malformed chunked request body')
+                return
+            size_text = bytes(data[self.chunk_at:line_end]).partition(b';')[0].strip()
+            if not size_text or size_text.strip(b'0123456789abcdefABCDEF'):
+                raise RequestRefused(400, 'malformed chunked request body')
+            size = int(size_text, 16)
+            if size:
+                self.chunked_size += size
+                if self.chunked_size > max_body_bytes:
+                    raise RequestRefused(413, f'body exceeds the limit of {max_body_bytes} '
+                                              'bytes')
+                self.chunk_at = line_end + 2 + size + 2
+                continue
+            # The last chunk, then trailer fields up to a blank line.
+            if data[line_end:line_end + 4] == b'\r\n\r\n':
+                self.chunk_at, self.end = 0, line_end + 4
+                return
+            blank_line = data.find(b'\r\n\r\n', line_end + 2, line_end + 2 + MAX_HEADER_BYTES)
+            if blank_line >= 0:
+                self.chunk_at, self.end = 0, blank_line + 4
+            elif len(data) - line_end > MAX_HEADER_BYTES:
+                raise RequestRefused(431, f'request trailers exceed {MAX_HEADER_BYTES} bytes')
+            return
+
+
+def http_response_bytes(status, headers, chunks):
+    """A whole HTTP/1.1 response that closes its connection, for the worker to send."""
+    lines = [f'HTTP/1.1 {status} {HTTP_REASONS[status]}']
+    lines.extend(f'{name}: {value}' for name, value in headers)
+    lines.append('Connection: close')
+    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') + b''.join(chunks)
+
+
+def serving_problem(cfg):
+    """Why gunicorn's settings (its Config) cannot serve the exporter, in a line, or ''."""
+    if cfg.workers != 1:
+        return (f'gunicorn is set to start {cfg.workers} workers; k8s_exporter\'s store lives '
+                'in its one worker, so each would hold part of the pods: run one (-w 1) '
+                'and shard by cluster instead (see README, Operations)')
+    if cfg.worker_class is not ExporterWorker:
+        return (f'gunicorn\'s worker class is {cfg.worker_class_str!r}; k8s_exporter needs '
+                f'{WORKER_CLASS!r}, as its gunicorn.conf.py says, which reads requests '
+                'whole before a thread takes them')
+    return ''
+
+
+def start_command():
+    """How to start the exporter with its settings, for the lines that refuse."""
+    return (f'gunicorn -c {GUNICORN_CONF} k8s_exporter:app, or python3 '
+            f'{os.path.abspath(__file__)}')
+
+
+def check_serving_or_exit(server):
+    """gunicorn.conf.py's on_starting: refuse settings that would split or expose the store."""
+    problem = serving_problem(server.cfg)
+    if problem:
+        print(f'k8s_exporter: {problem}', file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+def keep_one_worker(server, new_value, old_value):
+    """gunicorn.conf.py's nworkers_changed: `kill -TTIN` on the master adds no worker.
+
+    The running worker and its store are left alone. At start-up
+    (old_value None) check_serving_or_exit has the say.
+    """
+    if old_value is not None and new_value > 1:
+        LOG.warning('asked for %d workers (kill -TTIN?); staying at one, whose store holds '
+                    'every pod', new_value)
+        server.num_workers = 1
+
+
+def ignore_hangup(server):
+    """gunicorn.conf.py's when_ready: SIGHUP would restart the worker and empty the store.
+
+    Nothing it would reload can change: the environment is the master's,
+    and credential files are read again when they change.
+    """
+    def hangup(signal_number, frame):
+        LOG.warning('SIGHUP ignored: reloading would restart the worker and empty the store; '
+                    'credential files are re-read by themselves, other settings need a '
+                    'restart')
+    signal.signal(signal.SIGHUP, hangup)
+
+
+class ExporterWorker(ThreadWorker):
+    """gunicorn's threaded worker, given only requests that have arrived whole.
+
+    The main thread reads every connection without blocking until its
+    request is whole, then a pool thread parses and serves it from those
+    bytes; after a response a kept-alive connection is read again by the
+    main thread. Reading is bounded in time (the deadlines above) and in
+    memory: all requests being read or served hold at most
+    threads x K8S_EXPORTER_MAX_BODY_BYTES, past which a write is answered
+    503 (Prometheus retries it) rather than buffered.
+    """
+
+    def init_process(self):
+        self.incoming = {}          # TConn -> IncomingRequest, being read
+        self.lingering = {}         # TConn -> when it is closed
+        self.buffered_bytes = 0     # of every request being read or served
+        self.cut_offs = collections.Counter()      # by reason, since the last log line
+        self.cut_offs_logged_at = -math.inf
+        super().init_process()
+
+    def init_signals(self):
+        super().init_signals()
+        # The master ignores SIGHUP (ignore_hangup); the worker too, for a
+        # SIGHUP sent to the whole process group: it would end the worker.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def load_wsgi(self):
+        # The exporter's worker serves the exporter: the app is made here,
+        # not looked up, because `k8s_exporter:app` refuses to load under
+        # any other worker (see __getattr__).
+        problem = serving_problem(self.cfg)
+        if problem:
+            raise AppImportError(f'k8s_exporter: {problem}')
+        self.wsgi = Exporter(load_config_or_exit())
+        self.buffer_budget = self.cfg.threads * self.wsgi.config.max_body_bytes
+
+    # -- connections in the main thread --------------------------------------
+
+    def accept(self, listener):
+        try:
+            client, address = listener.accept()
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                return
+            raise
+        self.nr_conns += 1
+        conn = TConn(self.cfg, client, address, listener.getsockname())   # non-blocking
+        conn.held_bytes, conn.pipelined = 0, b''
+        if self.cfg.is_ssl:
+            conn.sock = ssl_context(self.cfg).wrap_socket(
+                conn.sock, server_side=True, do_handshake_on_connect=False,
+                suppress_ragged_eofs=self.cfg.suppress_ragged_eofs)
+        self.incoming[conn] = IncomingRequest(time.monotonic(), handshaking=self.cfg.is_ssl)
+        self.poller.register(conn.sock, selectors.EVENT_READ,
+                             functools.partial(self.on_request_bytes, conn))
+
+    def on_client_socket_readable(self, conn, client):
+        """A kept-alive connection's next request has begun."""
+        self.keepalived_conns.remove(conn)
+        self.incoming[conn] = IncomingRequest(time.monotonic())
+        self.poller.modify(client, selectors.EVENT_READ,
+                           functools.partial(self.on_request_bytes, conn))
+
+    def on_request_bytes(self, conn, client):
+        request = self.incoming[conn]
+        try:
+            if request.handshaking:
+                conn.sock.do_handshake()
+                request.handshaking = False
+            # Until the socket has no more: TLS may hold decrypted bytes that
+            # no longer make the socket readable.
+            while True:
+                chunk = conn.sock.recv(READ_SIZE)
+                if not chunk:
+                    if not request.head_end:
+                        self.close(conn)      # gone, or done with a kept-alive connection
+                        return
+                    # Half-closed in its body: it may still read why.
+                    raise RequestRefused(400, 'request body ended early')
+                request.data += chunk
+                self.buffered_bytes += len(chunk)
+                length = request.whole_length(time.monotonic(), self.wsgi.config.max_body_bytes)
+                if length:
+                    break
+                if request.head_end and self.buffered_bytes > self.buffer_budget:
+                    raise RequestRefused(503, 'the exporter holds too many request bodies '
+                                              'at once; retry')
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            if request.expects_continue and request.head_end:
+                # curl waits a second for this before it sends a body.
+                request.expects_continue = False
+                self.send_quietly(conn, b'HTTP/1.1 100 Continue\r\n\r\n')
+            return
+        except RequestRefused as refusal:
+            self.refuse(conn, request, refusal.status, refusal.reason)
+            return
+        except OSError:         # a reset, a broken TLS handshake (ssl.SSLError)
+            self.close(conn)
+            return
+        self.hand_over(conn, request, length)
+
+    def hand_over(self, conn, request, length):
+        """Give a pool thread the whole request: it reads it from memory, never the socket."""
+        del self.incoming[conn]
+        self.poller.unregister(conn.sock)
+        if conn.parser is None:
+            conn.parser = gunicorn_http.get_parser(self.cfg, conn.sock, conn.client)
+        conn.initialized = conn.data_ready = True    # no wait for data, no second TLS wrap
+        conn.parser.unreader.unread(bytes(request.data[:length]))
+        conn.pipelined = bytes(request.data[length:])
+        conn.held_bytes = len(request.data)
+        self.enqueue_req(conn)
+
+    def finish_request(self, conn, fs):
+        self.buffered_bytes -= conn.held_bytes
+        conn.held_bytes = 0
+        pipelined, conn.pipelined = conn.pipelined, b''
+        super().finish_request(conn, fs)
+        if pipelined and conn in self.keepalived_conns:
+            # The next request came with this one: read on from its bytes.
+            self.keepalived_conns.remove(conn)
+            self.incoming[conn] = request = IncomingRequest(time.monotonic(), pipelined)
+            self.buffered_bytes += len(pipelined)
+            self.poller.modify(conn.sock, selectors.EVENT_READ,
+                               functools.partial(self.on_request_bytes, conn))
+            try:
+                length = request.whole_length(time.monotonic(), self.wsgi.config.max_body_bytes)
+            except RequestRefused as refusal:
+                self.refuse(conn, request, refusal.status, refusal.reason)
+                return
+            if length:
+                self.hand_over(conn, request, length)
+
+    # -- cutting off ---------------------------------------------------------
+
+    def murder_pending(self):
+        """Each turn of the main loop: cut off requests past their deadline."""
+        super().murder_pending()
+        now = time.monotonic()
+        for conn, request in list(self.incoming.items()):
+            if not self.alive and not request.data:
+                self.close(conn)       # stopping: no request begun, none to finish
+            elif now >= request.deadline():
+                self.cut_off(conn, request)
+        for conn, closing_at in list(self.lingering.items()):
+            if now >= closing_at:
+                self.close(conn)
+        if self.cut_offs and now - self.cut_offs_logged_at >= CUT_OFF_LOG_INTERVAL_SECONDS:
+            LOG.warning('cut off %d connections that sent too slowly or nothing: %s (logged '
+                        'at most once a minute; see k8s_exporter_connections_cut_off_total)',
+                        sum(self.cut_offs.values()),
+                        ', '.join(f'{count} {reason}'
+                                  for reason, count in sorted(self.cut_offs.items())))
+            self.cut_offs.clear()
+            self.cut_offs_logged_at = now
+
+    def cut_off(self, conn, request):
+        if not request.data:
+            reason = 'silent'
+        elif not request.head_end:
+            reason = 'slow_headers'
+        else:
+            reason = 'slow_body'
+        self.cut_offs[reason] += 1
+        self.wsgi.store.count(lambda counters: _count_cut_off(counters, reason))
+        if reason == 'silent':
+            self.close(conn)
+        elif reason == 'slow_headers':
+            self.refuse(conn, request, 408, 'request headers not received in time')
+        else:
+            self.refuse(conn, request, 408, 'request body not received in time')
+
+    def refuse(self, conn, request, status, reason):
+        """Answer a request the app never sees, then read and drop what still comes."""
+        self.incoming.pop(conn, None)
+        self.buffered_bytes -= len(request.data)
+        response = self.wsgi.refuse_unread(request.method, request.path, status, reason,
+                                           conn.client)
+        self.send_quietly(conn, http_response_bytes(*response))
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        # Closing with unread bytes would reset the connection, and the
+        # client might never read why.
+        self.lingering[conn] = time.monotonic() + LINGER_SECONDS
+        self.poller.modify(conn.sock, selectors.EVENT_READ,
+                           functools.partial(self.on_lingering_bytes, conn))
+
+    def on_lingering_bytes(self, conn, client):
+        try:
+            if conn.sock.recv(READ_SIZE):
+                return
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except OSError:
+            pass
+        self.close(conn)
+
+    def send_quietly(self, conn, data):
+        """Send a short response without blocking; a client that cannot take it misses it."""
+        try:
+            conn.sock.send(data)
+        except OSError:          # BlockingIOError and ssl.SSLError among them
+            pass
+
+    def close(self, conn):
+        request = self.incoming.pop(conn, None)
+        if request is not None:
+            self.buffered_bytes -= len(request.data)
+        self.lingering.pop(conn, None)
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        self.nr_conns -= 1
+        conn.close()
+
+
+###############################################################################
+# Entry point #################################################################
+###############################################################################
 
 GUNICORN_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gunicorn.conf.py')
 

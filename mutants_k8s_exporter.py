@@ -54,7 +54,10 @@ HTTP = ('WSGI app', 'HTTP')
 SECURITY = ('Authentication', 'Security')
 PROPERTIES = ('Bad input, property-based',)
 GUNICORN_MALLOC = ('test_the_worker_has_one_malloc_arena', 'test_glibc_takes_every_malloc')
-GUNICORN_STALLS = ('test_a_client_that_stalls_half_way',)
+CLIENTS = ('Clients that misbehave',)
+WORKERS = ('test_more_than_one_worker', 'test_another_config_file', 'test_started_without',
+           'test_another_worker_class', 'test_a_signal_to_the_master', 'test_sighup_to_the_whole')
+ROTATION = ('test_a_rotated_secret', 'test_a_bad_new_secret', 'test_credential_files_are_read')
 ENTRY_POINT = ('test_importing_the_module', 'test_bad_environment_stops_gunicorn',
                'test_python3_k8s_exporter_py')
 
@@ -107,8 +110,9 @@ MUTANTS = [
      "raise RequestError(500, 'corrupt snappy: not a valid snappy block')"),
     (PROTOCOL + HTTP, 'corrupt protobuf is 400', "raise RequestError(400, f'corrupt protobuf",
      "raise RequestError(422, f'corrupt protobuf"),
-    (HTTP, 'body size limit is inclusive', 'if length > max_body_bytes:',
-     'if length >= max_body_bytes:'),
+    (HTTP, 'body size limit is inclusive',
+     'if length > max_body_bytes:\n            raise RequestError(413',
+     'if length >= max_body_bytes:\n            raise RequestError(413'),
     (HTTP, 'body over the limit is 413', "raise RequestError(413, f'body of",
      "raise RequestError(400, f'body of"),
     (HTTP, 'chunked body: one byte past the limit tells over from at',
@@ -497,9 +501,46 @@ MUTANTS = [
      '(_M_ARENA_MAX, 8),'),
     (GUNICORN_MALLOC, 'glibc takes the keep-free size',
      'MALLOC_KEEP_FREE_BYTES = 32 * MiB', 'MALLOC_KEEP_FREE_BYTES = 64 * MiB'),
-    (GUNICORN_STALLS, 'stalled clients are cut off',
-     'listening_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)', 'pass'),
-    (ENTRY_POINT, 'a bad environment exits 4', 'sys.exit(EXIT_CONFIG_ERROR)', 'sys.exit(1)'),
+    (CLIENTS, 'headers must be whole by the header deadline',
+     'return self.started + HEADER_DEADLINE_SECONDS', 'return self.started + 60'),
+    (CLIENTS, 'a body must keep up its rate', '+ received / MIN_BODY_BYTES_PER_SECOND',
+     '+ received'),
+    (CLIENTS, 'a pool thread gets only whole requests',
+     'if length:\n                    break', 'if length or request.head_end:\n'
+     '                    break'),
+    (CLIENTS, 'bodies held at once are bounded',
+     'self.buffered_bytes > self.buffer_budget', 'self.buffered_bytes > 100 * self.buffer_budget'),
+    (CLIENTS, 'headers over the limit are 431', 'raise RequestRefused(431, f\'request headers',
+     'raise RequestRefused(400, f\'request headers'),
+    (CLIENTS, 'a declared body over the limit is refused before it is read',
+     'if length > max_body_bytes:\n                raise RequestRefused(413',
+     'if False:\n                raise RequestRefused(413'),
+    (CLIENTS, 'a chunk is skipped with its CRLF', 'self.chunk_at = line_end + 2 + size + 2',
+     'self.chunk_at = line_end + 2 + size'),
+    (CLIENTS, 'pipelined requests are kept for later',
+     'conn.pipelined = bytes(request.data[length:])', "conn.pipelined = b''"),
+    (CLIENTS, 'cut-offs are counted',
+     'self.wsgi.store.count(lambda counters: _count_cut_off(counters, reason))', 'pass'),
+    (CLIENTS, 'cut-offs are logged once a minute',
+     'now - self.cut_offs_logged_at >= CUT_OFF_LOG_INTERVAL_SECONDS', 'now >= 0'),
+    (WORKERS, 'more than one worker stops start-up', 'if cfg.workers != 1:', 'if cfg.workers < 1:'),
+    (WORKERS, 'another worker class stops start-up', 'if cfg.worker_class is not ExporterWorker:',
+     'if False:'),
+    (WORKERS, 'kill -TTIN keeps one worker', 'server.num_workers = 1', 'pass'),
+    (WORKERS, 'SIGHUP is ignored by the master', 'signal.signal(signal.SIGHUP, hangup)', 'pass'),
+    (WORKERS, 'SIGHUP is ignored by the worker', 'signal.signal(signal.SIGHUP, signal.SIG_IGN)',
+     'pass'),
+    (WORKERS, 'gunicorn without the settings is refused',
+     "if 'gunicorn.arbiter' in sys.modules:", 'if False:'),
+    (ROTATION, 'changed credential files are in force', 'if credentials != self.credentials:',
+     'if False:'),
+    (ROTATION, 'credential files are polled, not read on each request',
+     'if now - self._read_at >= CREDENTIALS_POLL_SECONDS and self.environ:',
+     'if self.environ:'),
+    (ROTATION, 'a bad new credential file is logged once', 'if str(error) != self._problem:',
+     'if True:'),
+    (ENTRY_POINT, 'a bad environment exits 4', 'sys.exit(EXIT_CONFIG_ERROR)\n    if warn:',
+     'sys.exit(1)\n    if warn:'),
     (ENTRY_POINT, 'python3 k8s_exporter.py serves on K8S_EXPORTER_LISTEN',
      "'--bind', config.listen,", "'--bind', '127.0.0.1:9201',"),
 ]
