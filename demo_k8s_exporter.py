@@ -408,7 +408,8 @@ class ExporterProcess(StartStop):
 
     gunicorn runs in this folder, so it reads gunicorn.conf.py, the one
     source of the serving settings (workers, threads, timeouts, the hooks
-    that check the environment, tune malloc and set the receive timeout);
+    that check the environment and the serving settings, tune malloc and
+    ignore SIGHUP, and the worker class that reads requests whole);
     only the address is given here, plus gunicorn_args. tls: (certificate,
     key, CA) files to serve HTTPS with gunicorn's own TLS. The output of
     gunicorn and the exporter is kept in self.log after stop().

@@ -519,6 +519,8 @@ MUTANTS = [
      'self.chunk_at = line_end + 2 + size'),
     (CLIENTS, 'pipelined requests are kept for later',
      'conn.pipelined = bytes(request.data[length:])', "conn.pipelined = b''"),
+    (CLIENTS, 'a closing connection lingers without holding the main thread',
+     '            self.linger(conn)\n            return\n', '            pass\n'),
     (CLIENTS, 'cut-offs are counted',
      'self.wsgi.store.count(lambda counters: _count_cut_off(counters, reason))', 'pass'),
     (CLIENTS, 'cut-offs are logged once a minute',
