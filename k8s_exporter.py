@@ -3018,8 +3018,10 @@ class ExporterWorker(ThreadWorker):
         if conn.parser is None:
             conn.parser = gunicorn_http.get_parser(self.cfg, conn.sock, conn.client)
         conn.initialized = conn.data_ready = True    # no wait for data, no second TLS wrap
-        conn.parser.unreader.unread(bytes(request.data[:length]))
-        conn.pipelined = bytes(request.data[length:])
+        whole = memoryview(request.data)
+        conn.parser.unreader.unread(whole[:length])      # one copy, into gunicorn's buffer
+        conn.pipelined = bytes(whole[length:])
+        whole.release()
         conn.held_bytes = len(request.data)
         self.enqueue_req(conn)
 

@@ -518,7 +518,7 @@ MUTANTS = [
     (CLIENTS, 'a chunk is skipped with its CRLF', 'self.chunk_at = line_end + 2 + size + 2',
      'self.chunk_at = line_end + 2 + size'),
     (CLIENTS, 'pipelined requests are kept for later',
-     'conn.pipelined = bytes(request.data[length:])', "conn.pipelined = b''"),
+     'conn.pipelined = bytes(whole[length:])', "conn.pipelined = b''"),
     (CLIENTS, 'a closing connection lingers without holding the main thread',
      '            self.linger(conn)\n            return\n', '            pass\n'),
     (CLIENTS, 'cut-offs are counted',
