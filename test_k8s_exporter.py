@@ -4226,12 +4226,30 @@ def test_clients_that_never_close_after_connection_close_hold_no_one_up():
             assert client.recv(100) == b''
 
 
+class SharedReader:
+    """A connection's one buffered reader, for responses read one after another:
+    each http.client.HTTPResponse would otherwise buffer, and lose, the next."""
+
+    def __init__(self, client):
+        self.file = client.makefile('rb')
+
+    def makefile(self, mode):
+        return self
+
+    def close(self):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
 def test_pipelined_requests_are_answered_in_order_each_read_whole(server):
     body = rw1_body(seed_table(1_700_000_070_000))
     with socket.create_connection(('127.0.0.1', server.port), timeout=30) as client:
         client.sendall(raw_write_head(len(body)) + body + b'GET /-/healthy HTTP/1.1\r\n'
                        b'Host: 127.0.0.1\r\n\r\nGET /-/ready HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
-        assert [read_response(client) for _ in range(3)] == [
+        reader = SharedReader(client)
+        assert [read_response(reader) for _ in range(3)] == [
             (204, b''), (200, b'k8s_exporter is Healthy.\n'), (200, b'k8s_exporter is Healthy.\n')]
 
 
