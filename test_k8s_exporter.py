@@ -4069,7 +4069,8 @@ def cut_off_log_lines(log):
 
 def test_a_client_that_stalls_in_its_body_holds_no_thread_and_gets_408_at_its_deadline():
     with Gunicorn() as server:
-        with socket.create_connection(('127.0.0.1', server.port), timeout=60) as stalled:
+        with socket.create_connection(('127.0.0.1', server.port),
+                                      timeout=BODY_GRACE_SECONDS + 10) as stalled:
             stalled.sendall(raw_write_head(100_000) + b'\0' * 50_000)
             stalled_at = time.monotonic()
             time.sleep(0.5)
@@ -4096,11 +4097,13 @@ def test_a_client_that_stalls_in_its_body_holds_no_thread_and_gets_408_at_its_de
 
 def test_headers_that_trickle_get_408_at_the_header_deadline_whatever_their_pace():
     with Gunicorn() as server:
-        with socket.create_connection(('127.0.0.1', server.port), timeout=60) as trickler:
+        with socket.create_connection(('127.0.0.1', server.port),
+                                      timeout=HEADER_DEADLINE_SECONDS + 10) as trickler:
             connected = time.monotonic()
             head = b'GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ' + b'a' * 100
             for byte in head:
-                if not nothing_received(trickler):
+                if (not nothing_received(trickler)
+                        or time.monotonic() - connected > HEADER_DEADLINE_SECONDS + 5):
                     break
                 trickler.sendall(bytes([byte]))
                 time.sleep(0.5)
