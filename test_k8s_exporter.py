@@ -2618,12 +2618,14 @@ def test_series_not_received_for_the_ttl_are_forgotten():
     app.store.expire(now=between + 10)     # 'a' arrived over 10 s before, 'b' under
     page = scrape(app)
     assert (memory_of(app), self_metric(page, 'k8s_exporter_input_series')) == (6, 1)
+    assert call_wsgi(app, 'GET', '/pod?namespace=ns&pod=p')[0] == 200
     app.store.expire(now=time.monotonic() + 10)
     page = scrape(app)
     assert pod_families(page) == ''
     assert [self_metric(page, name) for name in (
         'k8s_exporter_pods', 'k8s_exporter_input_series',
         'k8s_exporter_expired_series_total')] == [0, 0, 2]
+    assert call_wsgi(app, 'GET', '/pod?namespace=ns&pod=p')[0] == 404    # not held at all
 
 
 def test_a_repeated_value_changes_no_output_but_moves_its_timestamp_and_ttl_on():
