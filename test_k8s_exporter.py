@@ -98,6 +98,7 @@ from k8s_exporter import (
     decode_write_request,
     escape_label_value,
     format_go_float,
+    metric_spec,
     negotiate_protocol,
     pod_series_identity,
     pod_value,
@@ -194,6 +195,17 @@ def rw2_body(table, compress=True):
             series.samples.add(value=value, timestamp=timestamp)
     payload = request.SerializeToString()
     return snappy.compress(payload) if compress else payload
+
+
+def varint(number):
+    """Protobuf's base-128 varint of a number >= 0, for bodies written by hand
+    (the test's own: a wrong encoder of the exporter's must not hide itself)."""
+    out = bytearray()
+    while number > 0x7F:
+        out.append(number & 0x7F | 0x80)
+        number >>= 7
+    out.append(number)
+    return bytes(out)
 
 
 def cadvisor(metric, namespace, pod, container='', cgroup='', job='kubernetes-cadvisor',
@@ -355,6 +367,20 @@ def post(app, table, protocol=1, **headers):
                       'Content-Encoding': 'snappy', **headers})
 
 
+def arrivals_apart():
+    """A time.monotonic() reading between the writes to an app before and after it.
+
+    The store's arrival clock is time.monotonic() when a write arrives (see
+    Store.apply), and Store.expire(now) forgets what arrived before now -
+    ttl_seconds: expire(now=arrivals_apart() + ttl) forgets the writes made
+    before the call and keeps those made after it.
+    """
+    time.sleep(0.01)
+    between = time.monotonic()
+    time.sleep(0.01)
+    return between
+
+
 def scrape(app, gzipped=False):
     """The app's /metrics page as text; asked for and gunzipped if gzipped."""
     headers = {'Accept-Encoding': 'gzip'} if gzipped else {}
@@ -368,6 +394,14 @@ def value_of(app, metric, pod='p'):
     """The exported value of one pod's metric, or None when the pod has no such line."""
     return {key[4]: value for key, value in pod_values_in(scrape(app)).items()
             if key[0] == metric}.get(pod)
+
+
+def value_text_of(app, metric, pod='p'):
+    """The exported value of one pod's metric as /metrics spells it, or None."""
+    for line in pod_families(scrape(app)).split('\n'):
+        if line.startswith(f'{metric}{{') and f',pod="{pod}"}} ' in line:
+            return line.rpartition(' ')[2]
+    return None
 
 
 def memory_of(app, pod='p'):
@@ -1738,9 +1772,9 @@ def protobuf_ish(draw, depth=0):
     for _ in range(draw(st.integers(0, 5))):
         field = draw(st.one_of(st.integers(1, 6), st.integers(1, 2 ** 29 - 1)))
         wire = draw(st.sampled_from((0, 1, 2, 2, 2, 5, 3, 4, 6, 7)))
-        out += k8s_exporter._varint(field << 3 | wire)
+        out += varint(field << 3 | wire)
         if wire == 0:
-            out += k8s_exporter._varint(draw(st.integers(0, 2 ** 64 - 1)))
+            out += varint(draw(st.integers(0, 2 ** 64 - 1)))
         elif wire in (1, 5):
             out += draw(st.binary(min_size=8 if wire == 1 else 4, max_size=8 if wire == 1
                                   else 4))
@@ -1751,7 +1785,7 @@ def protobuf_ish(draw, depth=0):
                 inner = draw(st.one_of(st.binary(max_size=20),
                                        label_text.map(lambda text: text.encode())))
             length = len(inner) + draw(st.sampled_from((0, 0, 0, 1, -1, 1000)))
-            out += k8s_exporter._varint(max(length, 0)) + inner
+            out += varint(max(length, 0)) + inner
     return bytes(out)
 
 
@@ -1871,52 +1905,68 @@ def test_series_without_pod_identity_are_not_exported(labels):
 
 
 def series_map(*entries):
-    """[(SeriesKey, value), ...] from (pod_cgroup, container, device, value)."""
-    return [(SeriesKey(pod_cgroup, container, f'/{container}', '', device), value)
-            for pod_cgroup, container, device, value in entries]
+    """[(SeriesKey, value), ...] of one pod from (pod_cgroup, container, device, value):
+    the keys pod_series_identity makes of those cAdvisor labels."""
+    series = []
+    for pod_cgroup, container, device, value in entries:
+        cgroup = '/kubepods/burstable/podab' + ('' if pod_cgroup else f'/{container}')
+        labels = cadvisor(MEMORY, 'ns', 'p', '' if pod_cgroup else container, cgroup,
+                          device=device)
+        _, series_key = pod_series_identity(labels, DEFAULT_CLUSTER)
+        assert series_key.pod_cgroup == pod_cgroup, labels
+        series.append((series_key, value))
+    return series
+
+
+def rule_of(metric):
+    """The aggregation rule the metrics table gives metric."""
+    return metric_spec(metric).rule
+
+
+FS_LIMIT = 'container_fs_limit_bytes'
 
 
 def test_pod_cgroup_series_wins_over_container_sum():
     series = series_map((True, '', '', 100.0), (False, 'POD', '', 1.0), (False, 'app', '', 2.0))
-    assert pod_value(k8s_exporter.RULE_POD_CGROUP, series) == 100.0
+    assert pod_value(rule_of(MEMORY), series) == 100.0
 
 
 def test_without_pod_cgroup_the_containers_are_summed_pause_included():
     series = series_map((False, 'POD', '', 1.0), (False, 'app', '', 2.0), (False, 'b', '', 4.0))
-    assert pod_value(k8s_exporter.RULE_POD_CGROUP, series) == 7.0
+    assert pod_value(rule_of(MEMORY), series) == 7.0
 
 
 def test_fs_usage_sums_containers_and_devices():
     series = series_map((False, 'POD', '/dev/a', 1.0), (False, 'app', '/dev/a', 2.0),
                         (False, 'app', '/dev/b', 4.0), (True, '', '/dev/a', 100.0))
-    assert pod_value(k8s_exporter.RULE_SUM, series) == 7.0
+    assert pod_value(rule_of(FS_USAGE), series) == 7.0
 
 
 def test_fs_limit_counts_each_device_once():
     series = series_map((False, 'POD', '/dev/a', 10.0), (False, 'app', '/dev/a', 12.0),
                         (False, 'app', '/dev/b', 5.0))
-    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) == 17.0   # the largest a device has
+    assert pod_value(rule_of(FS_LIMIT), series) == 17.0   # the largest a device has
 
 
 def test_fs_limit_of_a_device_ignores_nan_as_promql_max_does():
     series = series_map((False, 'a', '/dev/a', math.nan), (False, 'b', '/dev/a', 10.0),
                         (False, 'c', '/dev/a', math.nan))
-    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) == 10.0
+    assert pod_value(rule_of(FS_LIMIT), series) == 10.0
     series += series_map((False, 'd', '/dev/b', math.nan))     # NaN on every series
-    assert math.isnan(pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series))
+    assert math.isnan(pod_value(rule_of(FS_LIMIT), series))
 
 
 def test_fs_rules_without_container_series_give_no_value():
     series = series_map((True, '', '/dev/a', 10.0))
-    assert pod_value(k8s_exporter.RULE_SUM, series) is None
-    assert pod_value(k8s_exporter.RULE_DEVICE_LIMIT, series) is None
-    assert pod_value(k8s_exporter.RULE_POD_CGROUP, []) is None
+    assert pod_value(rule_of(FS_USAGE), series) is None
+    assert pod_value(rule_of(FS_LIMIT), series) is None
+    assert pod_value(rule_of(MEMORY), []) is None
 
 
 def test_aggregation_rule_per_metric_name():
-    assert [k8s_exporter.metric_spec(name).rule for name in EXPORTED_METRICS] == [
+    assert [rule_of(name) for name in EXPORTED_METRICS] == [
         'pod_cgroup', 'device', 'sum', 'pod_cgroup', 'pod_cgroup']
-    assert k8s_exporter.metric_spec('container_fs_inodes_total').rule == 'sum'
+    assert rule_of('container_fs_inodes_total') == 'sum'
 
 
 @pytest.mark.parametrize('values, total', [
@@ -2582,44 +2632,47 @@ def test_nan_and_infinities_other_than_stale_markers_are_stored_and_printed():
 
 
 def test_series_not_received_for_the_ttl_are_forgotten():
-    store = k8s_exporter.Store(Config(ttl_seconds=10))
-    pod = PodKey('c', 'j', 'ns', 'p')
-    old = k8s_exporter.Sample(pod, 0, SeriesKey(False, 'a', '/a', '', ''), 1, 5.0)
-    new = k8s_exporter.Sample(pod, 0, SeriesKey(False, 'b', '/b', '', ''), 1, 6.0)
-    store.apply([old], received=100.0)
-    store.apply([new], received=105.0)
-    store.expire(now=109.0)
-    assert [output[2] for output in store.snapshot().outputs] == [b'11\n']
-    store.expire(now=111.0)     # 'a' is 11 s old
-    snapshot = store.snapshot()
-    assert ([output[2] for output in snapshot.outputs], snapshot.series_count) == ([b'6\n'], 1)
-    store.expire(now=200.0)
-    snapshot = store.snapshot()
-    assert (snapshot.outputs, snapshot.pod_count, snapshot.series_count) == ([], 0, 0)
-    assert snapshot.counters.expired_series == 2
+    app = fresh_app(ttl_seconds=10)
+    first = time.monotonic()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', 'a', '/a'), [(5, 1)])])
+    between = arrivals_apart()
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', 'b', '/b'), [(6, 1)])])
+    app.store.expire(now=first + 10)       # both arrived under 10 s before
+    assert memory_of(app) == 11
+    app.store.expire(now=between + 10)     # 'a' arrived over 10 s before, 'b' under
+    page = scrape(app)
+    assert (memory_of(app), self_metric(page, 'k8s_exporter_input_series')) == (6, 1)
+    assert call_wsgi(app, 'GET', '/pod?namespace=ns&pod=p')[0] == 200
+    app.store.expire(now=time.monotonic() + 10)
+    page = scrape(app)
+    assert pod_families(page) == ''
+    assert [self_metric(page, name) for name in (
+        'k8s_exporter_pods', 'k8s_exporter_input_series',
+        'k8s_exporter_expired_series_total')] == [0, 0, 2]
+    assert call_wsgi(app, 'GET', '/pod?namespace=ns&pod=p')[0] == 404    # not held at all
 
 
 def test_a_repeated_value_changes_no_output_but_moves_its_timestamp_and_ttl_on():
-    store = k8s_exporter.Store(Config(ttl_seconds=10))
-    pod = PodKey('c', 'j', 'ns', 'p')
-    key = SeriesKey(False, 'a', '/a', '', '')
+    app = fresh_app(ttl_seconds=10)
 
-    def write(timestamp, value, received):
-        store.apply([k8s_exporter.Sample(pod, 0, key, timestamp, value)], received)
-        return store.snapshot()
+    def write(timestamp, value):
+        """The store's output version after writing one sample of pod p's memory."""
+        post(app, [(cadvisor(MEMORY, 'ns', 'p', 'a', '/a'), [(value, timestamp)])])
+        return app.store.snapshot().version
 
-    version = write(1, 5.0, received=100.0).version
-    assert write(2, 5.0, received=108.0).version == version    # nothing to re-render
-    snapshot = write(2, 6.0, received=108.0)                    # not newer: ignored
-    assert ([output[2] for output in snapshot.outputs], snapshot.version) == ([b'5\n'], version)
-    store.expire(now=115.0)      # 7 s after the repeat, 15 s after the first write
-    assert [output[2] for output in store.snapshot().outputs] == [b'5\n']
+    version = write(1, 5.0)
+    between = arrivals_apart()
+    assert write(2, 5.0) == version                      # nothing to re-render
+    assert (write(2, 6.0), memory_of(app)) == (version, 5)   # not newer: ignored
+    app.store.expire(now=between + 10)   # the first write is over 10 s old, the repeat under
+    assert memory_of(app) == 5
     # A pod's value is a sum, where -0 counts as 0.
-    version = write(3, -0.0, received=116.0).version
-    snapshot = write(4, 0.0, received=116.0)
-    assert (snapshot.outputs[0][2], snapshot.version) == (b'0\n', version)
-    assert write(5, math.nan, received=116.0).outputs[0][2] == b'NaN\n'
-    assert write(6, 7.0, received=116.0).outputs[0][2] == b'7\n'
+    version = write(3, -0.0)
+    assert (write(4, 0.0), value_text_of(app, MEMORY)) == (version, '0')
+    write(5, math.nan)
+    assert value_text_of(app, MEMORY) == 'NaN'
+    write(6, 7.0)
+    assert value_text_of(app, MEMORY) == '7'
 
 
 def test_ttl_expiry_reaches_the_metrics_page_without_writes():
@@ -2645,15 +2698,15 @@ def test_series_limit_refuses_new_series_and_keeps_updating_known_ones():
 
 
 def test_series_limit_warning_is_logged_at_most_once_a_minute(caplog):
+    # The store's arrival clock, as receive_write passes it, drives the minute.
     store = k8s_exporter.Store(Config(max_series=1))
-    pod = PodKey('c', 'j', 'ns', 'p')
 
-    def new_series(name, received):
-        return store.apply([k8s_exporter.Sample(pod, 0, SeriesKey(False, name, '', '', ''), 1,
-                                                1.0)], received)
+    def new_series(container, received):
+        table = [(cadvisor(MEMORY, 'ns', 'p', container, f'/{container}'), [(1, 1)])]
+        return store.apply(decode_all(table, PROTO_RW1, store.config.metrics).samples, received)
 
     with caplog.at_level('WARNING', logger='k8s_exporter'):
-        assert [new_series(name, received) for name, received in (
+        assert [new_series(container, received) for container, received in (
             ('a', 100.0), ('b', 100.0), ('c', 130.0), ('d', 161.0))] == [0, 1, 1, 1]
     assert [record.getMessage() for record in caplog.records] == [
         'K8S_EXPORTER_MAX_SERIES=1 reached: 1 samples of new series refused (this warning '
@@ -3347,7 +3400,7 @@ def test_a_label_with_fields_beyond_name_and_value_is_still_read():
     # A Label with an unknown field 3: protobuf keeps it out of the label
     # map the decoder reads, so the pod label would be lost.
     def record(field, payload):
-        return bytes([field << 3 | 2]) + k8s_exporter._varint(len(payload)) + payload
+        return bytes([field << 3 | 2]) + varint(len(payload)) + payload
 
     labels = sorted(cadvisor(MEMORY, 'ns', 'pod-xxxx').items())
     series = b''.join(record(1, record(1, name.encode()) + record(2, value.encode())
@@ -3514,17 +3567,44 @@ def test_head_metrics_has_headers_and_no_body():
                                                        b'')
 
 
-def test_concurrent_decodes_are_bounded_by_the_configured_slots():
-    app = fresh_app(max_concurrent_decodes=1)
-    assert app.decode_slots.acquire(timeout=1)
-    result = []
-    thread = threading.Thread(target=lambda: result.append(post(app, seed_table())[0]))
-    thread.start()
-    thread.join(timeout=0.3)
-    assert thread.is_alive() and result == []      # waits for the slot, does not fail
-    app.decode_slots.release()
-    thread.join(timeout=10)
-    assert result == [204]
+@pytest.mark.parametrize('slots, second_waits', [(1, True), (2, False)],
+                         ids=['one-slot-the-second-waits', 'two-slots-both-decode'])
+def test_concurrent_decodes_are_bounded_by_the_configured_slots(slots, second_waits):
+    # A write paused in the middle of its decoding, as it enters snappy's
+    # uncompress (a profile hook of its own thread: nothing of the app is
+    # replaced), holds a decode slot; a second write waits for a free slot,
+    # and does not fail.
+    app = fresh_app(max_concurrent_decodes=slots)
+    decoding, resume = threading.Event(), threading.Event()
+    statuses = {}
+
+    def pause_in_uncompress(frame, event, arg):
+        if event == 'call' and frame.f_code is snappy.uncompress.__code__:
+            decoding.set()
+            resume.wait(30)
+
+    def first_write():
+        sys.setprofile(pause_in_uncompress)
+        try:
+            statuses['first'] = post(app, seed_table())[0]
+        finally:
+            sys.setprofile(None)
+
+    first = threading.Thread(target=first_write)
+    second = threading.Thread(target=lambda: statuses.update(second=post(app, SEED_UPDATE)[0]))
+    first.start()
+    try:
+        assert decoding.wait(10), 'the first write never reached snappy.uncompress'
+        second.start()
+        second.join(timeout=0.3 if second_waits else 10)
+        assert (second.is_alive(), statuses) == (
+            (True, {}) if second_waits else (False, {'second': 204}))
+    finally:
+        resume.set()
+        first.join(timeout=10)
+        if second.ident is not None:
+            second.join(timeout=10)
+    assert statuses == {'first': 204, 'second': 204}
 
 
 ###############################################################################
@@ -4417,7 +4497,11 @@ def test_write_with_missing_or_wrong_credentials_is_401_with_a_challenge(secured
     status, response_headers, body = call_wsgi(secured_app, 'POST', '/write',
                                                rw1_body(seed_table()), headers)
     assert (status, body) == (401, b'missing or wrong credentials\n')
-    assert secured_app.store.snapshot().series_count == 0
+    status, _, page = call_wsgi(secured_app, 'GET', '/metrics',
+                                headers={'Authorization': 'Bearer s3cret-read'})
+    assert status == 200
+    assert pod_families(page.decode()) == ''
+    assert self_metric(page.decode(), 'k8s_exporter_input_series') == 0
 
 
 def test_401_lists_every_accepted_scheme_and_is_counted(secured_app):
