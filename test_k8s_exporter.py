@@ -4352,6 +4352,26 @@ def test_status_page_has_a_row_per_sender_with_pods_series_rate_and_last_write()
                for row in rows), rows
 
 
+def test_status_page_sender_rows_follow_ended_revived_and_expired_series():
+    app = fresh_app(ttl_seconds=10)
+    post(app, seed_table(job='a'))                        # 5 pods, 25 series
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD, job='b'), [(1.0, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'q', cgroup=POD_UID_OLD, job='b'), [(1.0, 1000)])])
+
+    def sender_rows():
+        return [row[1:4] for row in table_rows(page(app, '/')) if len(row) == 6]
+
+    assert sender_rows() == [['a', '5', '25'], ['b', '2', '2']]
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD, job='b'), [(STALE_NAN, 2000)])])
+    assert sender_rows() == [['a', '5', '25'], ['b', '1', '1']]      # ended: held, not live
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD, job='b'), [(2.0, 3000)])])
+    assert sender_rows() == [['a', '5', '25'], ['b', '2', '2']]      # a newer sample revives it
+    app.store.expire(now=time.monotonic() + 11)
+    # Every pod gone; the senders stay listed by their last write.
+    assert sender_rows() == [['a', '0', '0'], ['b', '0', '0']]
+    assert ['pods', '0'] in table_rows(page(app, '/'))
+
+
 def test_status_page_counts_what_no_sender_row_can_hold_in_total():
     app = fresh_app()
     post(app, seed_table())
