@@ -4457,6 +4457,28 @@ def test_pods_page_shows_500_rows_a_page_with_links_to_the_others():
     assert '<p>page 3 of 3:' in page(app, '/pods?page=9')
 
 
+def test_pods_page_filters_and_pages_across_namespaces_counting_each_pod_once():
+    app = fresh_app()
+    for namespace in ('a', 'b', 'c'):
+        post(app, [(cadvisor(MEMORY, namespace, name, cgroup=POD_UID_OLD), [(1, 1)])
+                   for number in range(300) for name in (f'x-x-{number:03d}', f'y{number:03d}')])
+    first = page(app, '/pods?pod=x-')                    # two matches in every name
+    assert '<p>1,800 pods held, 900 match; 1 to 500 shown.</p>' in first
+    assert pod_rows(first)[299:301] == [('k8s-cluster', 'kubernetes-cadvisor', 'a', 'x-x-299'),
+                                        ('k8s-cluster', 'kubernetes-cadvisor', 'b', 'x-x-000')]
+    second = page(app, '/pods?pod=x-&page=7')            # past the end: the last page
+    assert [row[2:] for row in pod_rows(second)] == (
+        [('b', f'x-x-{number:03d}') for number in range(200, 300)]
+        + [('c', f'x-x-{number:03d}') for number in range(300)])
+    assert '<p>page 2 of 2:' in second
+    assert len(pod_rows(page(app, '/pods?namespace=b&pod=x-x-1'))) == 100
+    # A pod added after a view is found by the next one; the other
+    # namespaces' names are kept from the view before.
+    post(app, [(cadvisor(MEMORY, 'b', 'x-x-new', cgroup=POD_UID_OLD), [(1, 1)])])
+    assert [row[2:] for row in pod_rows(page(app, '/pods?pod=new'))] == [('b', 'x-x-new')]
+    assert '901 match' in page(app, '/pods?pod=x-')
+
+
 def test_pods_page_links_keep_the_filter():
     app = fresh_app()
     post(app, many_pods_table(600, namespace='a b&c'))
