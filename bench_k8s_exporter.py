@@ -21,8 +21,12 @@ over the same series (steady state), per size:
   5. churn: pods replaced every pass, short TTL and stale markers; input
      series and RSS must stay flat;
   6. pages: /pods rendered (first page, and filtered by namespace), and the
-     latency of each write under full write load with and without a client
-     viewing /pods back to back.
+     latency of each write under full write load alone, with a client
+     viewing /pods back to back, and with /pods viewed once a second, where
+     the writes in flight during a view are set beside the others;
+  7. pages in process, without HTTP, at 10,000 and 100,000 pods
+     (--pages-pods): each kind of /pods view and the status page, against
+     the targets of 50 and 100 ms.
 """
 
 import argparse
