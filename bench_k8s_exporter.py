@@ -21,8 +21,12 @@ over the same series (steady state), per size:
   5. churn: pods replaced every pass, short TTL and stale markers; input
      series and RSS must stay flat;
   6. pages: /pods rendered (first page, and filtered by namespace), and the
-     latency of each write under full write load with and without a client
-     viewing /pods back to back.
+     latency of each write under full write load alone, with a client
+     viewing /pods back to back, and with /pods viewed once a second, where
+     the writes in flight during a view are set beside the others;
+  7. pages in process, without HTTP, at 10,000 and 100,000 pods
+     (--pages-pods): each kind of /pods view and the status page, against
+     the targets of 50 and 100 ms.
 """
 
 import argparse
@@ -44,7 +48,15 @@ import snappy
 
 from demo_k8s_exporter import PROMETHEUS_BINARY, ExporterProcess, Prometheus
 from k8s_exporter import DEFAULT_METRICS as EXPORTED
-from k8s_exporter import RECOMMENDED_METRICS, read_process_stat
+from k8s_exporter import (
+    RECOMMENDED_METRICS,
+    Config,
+    Exporter,
+    PodKey,
+    Sample,
+    SeriesKey,
+    read_process_stat,
+)
 
 RW1_HEADERS = {'Content-Type': 'application/x-protobuf;proto=prometheus.WriteRequest',
                'Content-Encoding': 'snappy', 'X-Prometheus-Remote-Write-Version': '0.1.0'}
@@ -392,11 +404,12 @@ def self_metric(exporter, name):
 # Measurements ################################################################
 ###############################################################################
 
-def send_pass(port, bodies, headers, senders=SENDERS, latencies=None):
+def send_pass(port, bodies, headers, senders=SENDERS, latencies=None, spans=None):
     """POST every body over keep-alive connections from concurrent senders.
 
     Returns (wall seconds, client CPU seconds, failed requests, first error);
-    appends each request's seconds to latencies when given.
+    appends each request's seconds to latencies, and (start, end) of
+    time.perf_counter() to spans, when given.
     """
     next_index = iter(range(len(bodies)))
     lock = threading.Lock()
@@ -414,8 +427,11 @@ def send_pass(port, bodies, headers, senders=SENDERS, latencies=None):
                 connection.request('POST', '/api/v1/write', body=bodies[index], headers=headers)
                 response = connection.getresponse()
                 reply = response.read()
+                ended = time.perf_counter()
                 if latencies is not None:
-                    latencies.append(time.perf_counter() - started)
+                    latencies.append(ended - started)
+                if spans is not None:
+                    spans.append((started, ended))
                 if response.status >= 300:
                     failures.append(f'{response.status} {reply[:200]!r}')
         except (OSError, http.client.HTTPException) as error:
@@ -492,10 +508,10 @@ def wait_until_quiet(pids):
     return False
 
 
-def measure_ingest(server, bodies, headers, samples, latencies=None):
+def measure_ingest(server, bodies, headers, samples, latencies=None, spans=None):
     cpu_before = cpu_seconds(server.pid)
     wall, client_cpu, failed, first = send_pass(server.port, bodies, headers,
-                                                latencies=latencies)
+                                                latencies=latencies, spans=spans)
     cpu = cpu_seconds(server.pid) - cpu_before
     if failed:
         print(f'  {server.name}: {failed} requests failed, first: {first}', file=sys.stderr)
@@ -533,11 +549,14 @@ def scrape_latencies(port, path, gzip_encoding, count, budget_seconds=math.inf):
 
 
 PODS_FILTERED_PATH = '/pods?namespace=payments'   # a tenth of the model's pods
+PACED_VIEW_SECONDS = 1.0     # an operator clicking through the pages, quickly
 FEDERATE_PATH = '/federate?' + '&'.join(f'match%5B%5D={name}' for name in EXPORTED)
 
 
-def scrapes_during(port, path, action):
-    """Run action() while one client scrapes path back to back; return (result, seconds)."""
+def scrapes_during(port, path, action, every_seconds=0.0, spans=None):
+    """Run action() while one client scrapes path back to back, or one
+    scrape every every_seconds; return (result, seconds). Appends (start,
+    end) of time.perf_counter() of each scrape to spans when given."""
     done = threading.Event()
     seconds = []
 
@@ -549,7 +568,11 @@ def scrapes_during(port, path, action):
                 connection.request('GET', path)
                 response = connection.getresponse()
                 response.read()
-                seconds.append(time.perf_counter() - started)
+                ended = time.perf_counter()
+                seconds.append(ended - started)
+                if spans is not None:
+                    spans.append((started, ended))
+                done.wait(max(0.0, every_seconds - (ended - started)))
         finally:
             connection.close()
 
@@ -675,19 +698,37 @@ def bench_size(pods, clock, results, scrape_count):
         wait_until_quiet([exporter.pid, prometheus.pid])
         for kind, path in (('pods_page', '/pods'), ('pods_filtered', PODS_FILTERED_PATH)):
             row[kind] = scrape_latencies(exporter.port, path, False, scrape_count)
-        # Each write's latency at full write load, alone and while one client
-        # views /pods back to back: a page view must not hold writes up.
-        for kind, viewed in (('writes_alone', False), ('writes_viewed', True)):
-            latencies = []
+        # Each write's latency at full write load: alone, while one client
+        # views /pods back to back (a stress: ~20 views a second), and while
+        # an operator views it every PACED_VIEW_SECONDS, where the writes in
+        # flight during a view are compared with the others of the same pass.
+        # Passes alternate, twice each, so that a drift of the machine's
+        # load falls on every kind.
+        for kind in ('writes_alone', 'writes_viewed', 'writes_paced') * 2:
+            latencies, spans, views = row.setdefault(kind, []), [], []
             bodies = stamp_bodies(rw1, next(pass_numbers), clock.next())
             measure = functools.partial(measure_ingest, exporter, bodies, RW1_HEADERS, samples,
-                                        latencies)
-            if viewed:
-                row[f'{kind}_views'] = scrapes_during(exporter.port, '/pods', measure)[1]
-            else:
+                                        latencies, spans)
+            if kind == 'writes_alone':
                 measure()
-                row[f'{kind}_views'] = []
-            row[kind] = latencies
+            else:
+                scrapes_during(exporter.port, '/pods', measure, spans=views,
+                               every_seconds=PACED_VIEW_SECONDS if kind == 'writes_paced' else 0)
+            row.setdefault(f'{kind}_views', []).extend(end - start for start, end in views)
+            if kind == 'writes_paced':
+                # The control: windows as long as the views, half a pace
+                # after each, when no view runs. A long write is likelier to
+                # overlap any window, so both groups lean to the long ones.
+                shift = PACED_VIEW_SECONDS / 2
+                controls = [(start + shift, end + shift) for start, end in views]
+                for started, ended in spans:
+                    if any(start < ended and started < end for start, end in views):
+                        group = 'writes_during_a_view'
+                    elif any(start < ended and started < end for start, end in controls):
+                        group = 'writes_during_a_control'
+                    else:
+                        continue
+                    row.setdefault(group, []).append(ended - started)
     finally:
         for server in (exporter, prometheus):
             if server is not None:
@@ -731,6 +772,88 @@ def bench_churn(pods, passes, clock):
     return rows
 
 
+PAGES_IN_PROCESS = [  # (path and query, what it shows)
+    ('/pods', 'the first 500 rows'),
+    ('/pods?page=100', 'page 100'),
+    ('/pods?namespace=payments', 'a tenth of the pods'),
+    ('/pods?pod=redis', 'a sixth'),
+    ('/pods?pod=-', 'every pod (each name has three matches)'),
+    ('/pods?namespace=payments&pod=cache&page=3', 'both filters, page 3'),
+    ('/pods?namespace=nothing', 'no pod'),
+    ('/', 'the status page'),
+]
+
+
+def pod_samples(pods, timestamp_ms, seed=3):
+    """The five exported metrics' samples of `pods` pods of cluster_model's
+    names, as the decoder hands them to the store: a pod cgroup, the pause
+    container and the workload's containers, one sample per metric each.
+
+    For pages at sizes whose remote-write bodies would take minutes to
+    build; the store's state is what the model's writes leave.
+    """
+    rng = random.Random(seed)
+    for number in range(pods):
+        workload, containers = WORKLOADS[rng.randrange(len(WORKLOADS))]
+        namespace = NAMESPACES[rng.randrange(len(NAMESPACES))]
+        pod = f'{workload}-{rng.getrandbits(40):010x}-{rng.getrandbits(25):05x}'
+        pod_key = PodKey('prod-eu-west-1', 'kubelet', namespace, pod)
+        cgroup = f'/kubepods/burstable/pod{number:08x}'
+        series_keys = [SeriesKey(True, '', cgroup, '', '')] + [
+            SeriesKey(False, container, f'{cgroup}/{rng.getrandbits(64):016x}', image, '')
+            for container, image in [('POD', PAUSE_IMAGE), *containers]]
+        for metric in range(len(EXPORTED)):
+            for series_key in series_keys:
+                yield Sample(pod_key, metric, series_key, timestamp_ms,
+                             float(rng.randrange(1, 1 << 30)))
+
+
+def get_in_process(app, path):
+    """GET path from the WSGI app in this process; the body's length."""
+    path, _, query = path.partition('?')
+    environ = {'REQUEST_METHOD': 'GET', 'PATH_INFO': path, 'QUERY_STRING': query,
+               'REMOTE_ADDR': '127.0.0.1'}
+    statuses = []
+    body = b''.join(app(environ, lambda status, headers: statuses.append(status)))
+    if not statuses[0].startswith('200'):
+        raise RuntimeError(f'GET {path}?{query}: {statuses[0]}')
+    return len(body)
+
+
+def bench_pages_in_process(pods, count):
+    """Each page of PAGES_IN_PROCESS rendered by an Exporter in this process,
+    without HTTP: median and max seconds of count; and /pods once more after
+    the set of pods changed, which rebuilds its index."""
+    print(f'== pages in process at {pods} pods', file=sys.stderr)
+    app = Exporter(Config(max_series=pods * 50))
+    batch = []
+    for sample in pod_samples(pods, int(time.time() * 1000)):
+        batch.append(sample)
+        if len(batch) == MAX_SAMPLES_PER_SEND:
+            app.store.apply(batch, time.monotonic())
+            batch = []
+    app.store.apply(batch, time.monotonic())
+    results = {}
+    for path, _ in PAGES_IN_PROCESS:
+        get_in_process(app, path)
+        seconds = []
+        for _ in range(count):
+            started = time.perf_counter()
+            get_in_process(app, path)
+            seconds.append(time.perf_counter() - started)
+        results[path] = seconds
+    seconds = []
+    for number in range(count):
+        app.store.apply([Sample(PodKey('prod-eu-west-1', 'kubelet', 'payments', f'new-{number}'),
+                                0, SeriesKey(True, '', '/kubepods/new', '', ''), 1, 1.0)],
+                        time.monotonic())
+        started = time.perf_counter()
+        get_in_process(app, '/pods?pod=redis')
+        seconds.append(time.perf_counter() - started)
+    results['new pod'] = seconds
+    return results
+
+
 ###############################################################################
 # Report ######################################################################
 ###############################################################################
@@ -766,7 +889,7 @@ def prometheus_version():
     return output.split()[2] if output.startswith('prometheus, version') else '?'
 
 
-def print_report(results, churn):
+def print_report(results, churn, pages):
     rows = []
     for pods, row in results.items():
         rows.append((f'{pods:,} pods: {row["samples"]:,} samples per pass, '
@@ -834,21 +957,45 @@ def print_report(results, churn):
                          '', ''))
         rows.append(('  ingest RW1 while scraped, samples/s wall', _rate(loaded['per_wall']),
                      '', ''))
+        target = ' (target at 10,000 pods: 50 ms)' if pods == 10_000 else ''
         for kind, label in (('pods_page', '/pods, first 500 rows'),
                             ('pods_filtered', f'{PODS_FILTERED_PATH}, first 500 rows')):
             page = row[kind]
-            rows.append((f'  {label}, median/p99 of {page["count"]}',
+            rows.append((f'  {label}, median/p99 of {page["count"]}{target}',
                          f'{_ms(page["median"])}/{_ms(page["p99"])}', '', ''))
-        for kind, label in (('writes_alone', 'write latency at full RW1 load'),
-                            ('writes_viewed', 'the same while /pods is viewed back to back')):
-            latencies = row[kind]
-            views = f', {len(row[kind + "_views"])} views' if row[kind + '_views'] else ''
+        alone = statistics.median(row['writes_alone'])
+        control = statistics.median(row.get('writes_during_a_control') or [math.nan])
+        for kind, label, base, base_name in (
+                ('writes_alone', 'write latency at full RW1 load', None, ''),
+                ('writes_viewed', 'the same while /pods is viewed back to back', alone, 'alone'),
+                ('writes_paced', f'the same, /pods viewed every {PACED_VIEW_SECONDS:g} s',
+                 alone, 'alone'),
+                ('writes_during_a_control', '  of these, the writes in flight during a window '
+                 'as long as a view, between views', alone, 'alone'),
+                ('writes_during_a_view', '  and those in flight during a view '
+                 '(target: no more than noise)', control, 'the control')):
+            latencies = row.get(kind) or [math.nan]
+            views = (f', {len(row[kind + "_views"])} views of median '
+                     f'{_ms(statistics.median(row[kind + "_views"]))}'
+                     if row.get(kind + '_views') else '')
             rows.append((f'  {label}, median/p99 of {len(latencies)}{views}',
                          f'{_ms(statistics.median(latencies))}/'
-                         f'{_ms(percentile(latencies, 0.99))}', '', ''))
+                         f'{_ms(percentile(latencies, 0.99))}', '',
+                         f'{statistics.median(latencies) / base:.2f}x {base_name}' if base
+                         else ''))
         client = max(row[key]['client_cpu'] / row[key]['wall']
                      for key in ('exporter_rw1', 'exporter_rw2', 'prometheus_rw1'))
         rows.append(('  client CPU per wall second while sending (max)', f'{client:.2f}', '', ''))
+    for pods, seconds in pages.items():
+        target = {10_000: 50, 100_000: 100}.get(pods)
+        rows.append((f'pages in process (no HTTP) at {pods:,} pods, median/max of '
+                     f'{len(seconds["/"])}' + (f'; target {target} ms' if target else ''),
+                     '', '', ''))
+        for path, label in [*PAGES_IN_PROCESS, ('new pod', '')]:
+            label = ('/pods?pod=redis after a pod was added (the index is built again)'
+                     if path == 'new pod' else f'{path}: {label}')
+            rows.append((f'  {label}', f'{_ms(statistics.median(seconds[path]))}/'
+                                       f'{_ms(max(seconds[path]))}', '', ''))
     if churn:
         # TTL 5 s at a pass every 1.5 s: steady state from the 5th pass on.
         early, late = churn[:len(churn) // 2], churn[len(churn) // 2:]
@@ -881,6 +1028,9 @@ def main(argv=None):
     parser.add_argument('--quick', action='store_true', help='small sizes, for a smoke run')
     parser.add_argument('--pods', default='1000,10000',
                         help='comma list of cluster sizes in pods (default 1000,10000)')
+    parser.add_argument('--pages-pods', default='10000,100000',
+                        help='comma list of sizes in pods for the pages rendered in process '
+                             '(default 10000,100000; empty for none)')
     args = parser.parse_args(argv)
     sizes = [100, 300] if args.quick else [int(part) for part in args.pods.split(',')]
     clock = PassClock()
@@ -890,7 +1040,10 @@ def main(argv=None):
         bench_size(pods, clock, results, 5 if args.quick else 20)
     churn = bench_churn(100 if args.quick else 500, 6 if args.quick else 12,
                         clock)
-    print_report(results, churn)
+    pages = {pods: bench_pages_in_process(pods, 5 if args.quick else 20)
+             for pods in ([1000] if args.quick else
+                          [int(part) for part in args.pages_pods.split(',') if part])}
+    print_report(results, churn, pages)
     print(f'total {time.monotonic() - started:.0f} s; command: {" ".join(sys.argv)}')
 
 

@@ -503,6 +503,13 @@ MUTANTS = [
      '<title>{title} - k8s_exporter'),
     (PAGES, 'pages: refusals are not sniffed as HTML', "[('X-Content-Type-Options', 'nosniff')]",
      '[]'),
+    (PAGES, 'pages: a pod name with two matches counts once',
+     "re.compile(f'{re.escape(pod)}[^{POD_NAME_SEPARATOR}]*')", 're.compile(re.escape(pod))'),
+    (PAGES, "pages: a namespace whose pods changed gets its names joined again",
+     'if run is not None and pod_keys[start:end] == previous.pod_keys[run[1]:run[2]]:',
+     'if run is not None:'),
+    (PAGES, "pages: a sender's live series fall when one ends", 'counts[2] += live',
+     'counts[2] += max(live, 0)'),
     # Entry point and serving.
     (GUNICORN_MALLOC, 'one malloc arena', '(_M_ARENA_MAX, MALLOC_ARENAS),',
      '(_M_ARENA_MAX, 8),'),

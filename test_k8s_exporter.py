@@ -4923,6 +4923,26 @@ def test_status_page_has_a_row_per_sender_with_pods_series_rate_and_last_write()
                for row in rows), rows
 
 
+def test_status_page_sender_rows_follow_ended_revived_and_expired_series():
+    app = fresh_app(ttl_seconds=10)
+    post(app, seed_table(job='a'))                        # 5 pods, 25 series
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD, job='b'), [(1.0, 1000)]),
+               (cadvisor(MEMORY, 'ns', 'q', cgroup=POD_UID_OLD, job='b'), [(1.0, 1000)])])
+
+    def sender_rows():
+        return [row[1:4] for row in table_rows(page(app, '/')) if len(row) == 6]
+
+    assert sender_rows() == [['a', '5', '25'], ['b', '2', '2']]
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD, job='b'), [(STALE_NAN, 2000)])])
+    assert sender_rows() == [['a', '5', '25'], ['b', '1', '1']]      # ended: held, not live
+    post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD, job='b'), [(2.0, 3000)])])
+    assert sender_rows() == [['a', '5', '25'], ['b', '2', '2']]      # a newer sample revives it
+    app.store.expire(now=time.monotonic() + 11)
+    # Every pod gone; the senders stay listed by their last write.
+    assert sender_rows() == [['a', '0', '0'], ['b', '0', '0']]
+    assert ['pods', '0'] in table_rows(page(app, '/'))
+
+
 def test_status_page_counts_what_no_sender_row_can_hold_in_total():
     app = fresh_app()
     post(app, seed_table())
@@ -5006,6 +5026,28 @@ def test_pods_page_shows_500_rows_a_page_with_links_to_the_others():
         f'pod-{n:05d}' for n in range(1000, 1201)]
     # Past the end: the last page.
     assert '<p>page 3 of 3:' in page(app, '/pods?page=9')
+
+
+def test_pods_page_filters_and_pages_across_namespaces_counting_each_pod_once():
+    app = fresh_app()
+    for namespace in ('a', 'b', 'c'):
+        post(app, [(cadvisor(MEMORY, namespace, name, cgroup=POD_UID_OLD), [(1, 1)])
+                   for number in range(300) for name in (f'x-x-{number:03d}', f'y{number:03d}')])
+    first = page(app, '/pods?pod=x-')                    # two matches in every name
+    assert '<p>1,800 pods held, 900 match; 1 to 500 shown.</p>' in first
+    assert pod_rows(first)[299:301] == [('k8s-cluster', 'kubernetes-cadvisor', 'a', 'x-x-299'),
+                                        ('k8s-cluster', 'kubernetes-cadvisor', 'b', 'x-x-000')]
+    second = page(app, '/pods?pod=x-&page=7')            # past the end: the last page
+    assert [row[2:] for row in pod_rows(second)] == (
+        [('b', f'x-x-{number:03d}') for number in range(200, 300)]
+        + [('c', f'x-x-{number:03d}') for number in range(300)])
+    assert '<p>page 2 of 2:' in second
+    assert len(pod_rows(page(app, '/pods?namespace=b&pod=x-x-1'))) == 100
+    # A pod added after a view is found by the next one; the other
+    # namespaces' names are kept from the view before.
+    post(app, [(cadvisor(MEMORY, 'b', 'x-x-new', cgroup=POD_UID_OLD), [(1, 1)])])
+    assert [row[2:] for row in pod_rows(page(app, '/pods?pod=new'))] == [('b', 'x-x-new')]
+    assert '901 match' in page(app, '/pods?pod=x-')
 
 
 def test_pods_page_links_keep_the_filter():
