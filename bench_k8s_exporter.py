@@ -779,10 +779,11 @@ def bench_growth(pods, clock):
         time.sleep(1.0)
         idle_rss = rss_bytes(exporter.pid)
         print('   first load, scraped back to back', file=sys.stderr)
-        bodies = stamp_bodies(rw1, 0, clock.next())
+        first = stamp_bodies(rw1, 0, clock.next())
         row['load'], row['load_scrapes'] = scrapes_during(
-            exporter.port, '/metrics', lambda: measure_ingest(exporter, bodies, RW1_HEADERS,
+            exporter.port, '/metrics', lambda: measure_ingest(exporter, first, RW1_HEADERS,
                                                               samples))
+        del first
         row['input_series'] = self_metric(exporter, 'k8s_exporter_input_series')
         row['rss'] = rss_bytes(exporter.pid)
         row['bytes_per_series'] = (row['rss'] - idle_rss) / max(row['input_series'], 1)
@@ -810,6 +811,57 @@ def bench_growth(pods, clock):
         if exporter is not None:
             exporter.stop()
     return row
+
+
+def profile_kept_path(pods, passes=3):
+    """Where a kept sample's CPU goes, in process (no HTTP, no threads):
+    keep-rule bodies decoded and applied to a Store, pass after pass, under
+    cProfile. Prints microseconds per sample by stage and the top functions.
+    """
+    import cProfile
+    import pstats
+
+    import k8s_exporter
+    print(f'== profile of the kept path, keep-rule traffic, {pods} pods, in process',
+          file=sys.stderr)
+    series = keep_rule_model(pods)
+    batches = encode_batches(series, 1)
+    config = k8s_exporter.Config()
+    exporter = k8s_exporter.Exporter(config)
+    store, decoder = exporter.store, exporter.decoder
+    now_ms = int(time.time() * 1000)
+    stages = {'snappy': 0.0, 'decode': 0.0, 'apply': 0.0}
+    profile = cProfile.Profile()
+    # The first pass loads the store; the next are timed; the last is profiled.
+    for number in range(passes + 2):
+        bodies = stamp_bodies(batches, number, now_ms - 60_000 + number)
+        timed = 0 < number <= passes
+        if number > passes:
+            profile.enable()
+        for body in bodies:
+            started = time.process_time()
+            payload = k8s_exporter.decompress_body(body, config.max_decoded_bytes)
+            decoded_at = time.process_time()
+            decoded = decoder.decode(payload, k8s_exporter.PROTO_RW1, now_ms)
+            applied_at = time.process_time()
+            store.apply(decoded.samples, time.monotonic())
+            if timed:
+                stages['snappy'] += decoded_at - started
+                stages['decode'] += applied_at - decoded_at
+                stages['apply'] += time.process_time() - applied_at
+        profile.disable()
+    samples = len(series) * passes
+    stats = pstats.Stats(profile)
+    cumulative = {function[2]: entry[3] for function, entry in stats.stats.items()}
+    render_share = cumulative.get('_render_pod', 0.0) / cumulative['apply']
+    total = sum(stages.values())
+    print(f'kept path, {pods:,} pods, {len(series):,} samples a pass, {passes} passes: '
+          f'{total / samples * 1e6:.2f} us a sample, {samples / total / 1000:,.0f}k '
+          'samples/CPU-s')
+    print('  ' + ', '.join(f'{stage} {seconds / samples * 1e6:.2f} us'
+                           for stage, seconds in stages.items())
+          + f' (of which re-rendering the pods: {render_share:.0%}, from cProfile)')
+    stats.sort_stats('tottime').print_stats(12)
 
 
 # The pods one exporter takes: each pod's samples once per scrape interval,
@@ -1076,7 +1128,12 @@ def main(argv=None):
                         help='pods of keep-rule traffic, the exporter alone (default 150000; '
                              '0: none)')
     parser.add_argument('--no-churn', action='store_true', help='leave out the churn run')
+    parser.add_argument('--profile', type=int, metavar='PODS',
+                        help='only profile the kept path in process at PODS pods')
     args = parser.parse_args(argv)
+    if args.profile:
+        profile_kept_path(args.profile)
+        return
     sizes = [100, 300] if args.quick else [int(part) for part in args.pods.split(',')
                                            if int(part)]
     keep_pods = 300 if args.quick else args.keep_pods

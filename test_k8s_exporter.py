@@ -41,6 +41,7 @@ import math
 import operator
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -1601,6 +1602,23 @@ def test_fast_paths_decode_exactly_as_the_full_path_on_random_input(request, pro
     assert decoded_outcome(payload, protocol, True) == decoded_outcome(payload, protocol, False)
 
 
+def test_known_label_bytes_in_another_role_are_read_again():
+    # The labels after a series' __name__ are a known key for the metrics
+    # without a part label, the whole labels for others: the same bytes in
+    # the other role, with a second __name__ or none, read as the full path.
+    inner = [('A', 'x'), ('__name__', FS_USAGE), ('namespace', 'ns'), ('pod', 'p')]
+    rest = [('namespace', 'ns'), ('pod', 'q')]
+    sample = [(1.0, 2 ** 40)]
+    series = [(inner, sample, None), ([('__name__', MEMORY), *inner], sample, None),
+              ([('__name__', MEMORY), *rest], sample, None), (rest, sample, None)]
+    payload = encode_in_order(series, PROTO_RW1, 0)
+    fast = decoded_outcome(payload, PROTO_RW1, True)
+    assert fast == decoded_outcome(payload, PROTO_RW1, False)
+    assert [(sample[0].pod, sample[1]) for sample in fast['samples']] == [
+        ('p', 2), ('p', 2), ('q', 4)]     # fs usage, fs usage (the last __name__), memory
+    assert (fast['bad_series'], fast['first_error']) == (1, 'series with no __name__ label')
+
+
 @pytest.mark.parametrize('capture', ALL_CAPTURES)
 @pytest.mark.parametrize('protocol', [PROTO_RW1, PROTO_RW2])
 @pytest.mark.parametrize('external', [None, 'Region'], ids=['sorted', 'uppercase_label'])
@@ -2581,6 +2599,43 @@ def test_nan_and_infinities_other_than_stale_markers_are_stored_and_printed():
     assert self_metric(page, 'k8s_exporter_stale_markers_total') == 0
 
 
+def test_pods_stay_in_label_order_as_thousands_come_and_go():
+    # More pods than two of PodOrder's blocks, in random order; then the
+    # first, the last and a random half expire.
+    store = k8s_exporter.Store(Config(ttl_seconds=10))
+    rng = random.Random(16)
+    names = [f'p{number:05d}' for number in range(5000)]
+    rng.shuffle(names)
+    series = SeriesKey(True, '', '', '', '')
+    keys = [PodKey('c', 'j', rng.choice(['a', 'b']), name) for name in names]
+    for start in range(0, len(keys), 700):
+        store.apply([k8s_exporter.Sample(key, 0, series, 1, 1.0)
+                     for key in keys[start:start + 700]], received=100.0)
+    assert store.pod_keys() == sorted(keys)
+    kept = set(rng.sample(keys, 2500)) - {min(keys), max(keys)}
+    store.apply([k8s_exporter.Sample(key, 0, series, 2, 2.0) for key in kept], received=105.0)
+    store.expire(now=111.0)
+    assert store.pod_keys() == sorted(kept)
+    assert len(store.snapshot().outputs) == len(kept)
+
+
+def test_known_series_are_forgotten_two_ttls_after_they_were_last_seen():
+    known = k8s_exporter.KnownSeries(ttl_seconds=10, max_entries=3)
+    known.age(0)
+    known.put(b'a', 'A')
+    known.put(b'b', 'B')
+    known.age(10_000)                  # a new generation: a and b are kept, as older
+    assert known.get(b'a') == 'A'      # seen again: moved to the newer one
+    known.age(20_000)
+    assert (known.get(b'a'), known.get(b'b')) == ('A', None)
+    known.put(b'c', 'C')
+    known.put(b'd', 'D')
+    known.put(b'e', 'E')               # the newer one holds 3 (a, c, d): it becomes the older
+    assert [known.get(b'a'), known.get(b'e')] == ['A', 'E']
+    known.age(30_000)
+    assert [known.get(b'c'), known.get(b'e')] == [None, 'E']
+
+
 def test_series_not_received_for_the_ttl_are_forgotten():
     store = k8s_exporter.Store(Config(ttl_seconds=10))
     pod = PodKey('c', 'j', 'ns', 'p')
@@ -3375,7 +3430,7 @@ def test_a_series_over_a_label_limit_is_refused_alone_and_counted(protocol, limi
              (labels_at_limit(limit, over=False) | {'pod': 'at-limit'}, [(6, 1)]),
              (cadvisor(MEMORY, 'ns', 'good'), [(7, 1)]),
              ({'__name__': 'node_load1', 'n' * 300: 'v' * 300}, [(8, 1)])]    # not exported
-    for attempt in range(2):      # the second time, from the series the decoder knows
+    for _ in range(2):      # the second time, from the series the decoder knows
         status, headers, body = post(app, table, protocol)
         assert (status, one_line_reason(status, headers, body)) == (
             400, f'1 invalid series skipped, first: {reason}; the rest was applied')
