@@ -781,8 +781,8 @@ def bench_growth(pods, clock):
         print('   first load, scraped back to back', file=sys.stderr)
         first = stamp_bodies(rw1, 0, clock.next())
         row['load'], row['load_scrapes'] = scrapes_during(
-            exporter.port, '/metrics', lambda: measure_ingest(exporter, first, RW1_HEADERS,
-                                                              samples))
+            exporter.port, '/metrics', functools.partial(measure_ingest, exporter, first,
+                                                         RW1_HEADERS, samples))
         del first
         row['input_series'] = self_metric(exporter, 'k8s_exporter_input_series')
         row['rss'] = rss_bytes(exporter.pid)
