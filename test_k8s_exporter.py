@@ -4536,7 +4536,7 @@ def test_status_page_counts_what_no_sender_row_can_hold_in_total():
     post(app, seed_table())
     text = page(app, '/')
     assert ('All senders: 27 samples received of every metric; not kept: future_timestamp 0, '
-            'invalid_series 0, no_pod 1, out_of_order 0, series_limit 0, '
+            'invalid_series 0, label_limit 0, no_pod 1, out_of_order 0, series_limit 0, '
             'unexported_metric 1;') in text
 
 
