@@ -1,8 +1,10 @@
 """Benchmark k8s_exporter against Prometheus's own remote-write receiver.
 
-    make bench                              # 1,000 and 10,000 pods, ~5 min on 2 cores
-    make bench-quick                        # 100 and 300 pods, a smoke run, 3-4 min
-    .venv/bin/python bench_k8s_exporter.py --pods 1000,10000
+    make bench                              # all of it, ~15-25 min on 2 cores
+    make bench-quick                        # small sizes, a smoke run
+    .venv/bin/python bench_k8s_exporter.py --pods 1000,10000 --keep-pods 10000 \
+        --growth-pods 150000                # the sizes (0 leaves a part out)
+    .venv/bin/python bench_k8s_exporter.py --profile 10000   # the kept path, in process
 
 A Prometheus with --web.enable-remote-write-receiver plus /federate is what a
 user would run instead of the exporter, so it is the yardstick: both get the
@@ -26,7 +28,16 @@ over the same series (steady state), per size:
      the writes in flight during a view are set beside the others;
   7. pages in process, without HTTP, at 10,000 and 100,000 pods
      (--pages-pods): each kind of /pods view and the status page, against
-     the targets of 50 and 100 ms.
+     the targets of 50 and 100 ms;
+  8. keep-rule traffic (--keep-pods): the five families only, as prometheus1
+     sends them with the README's keep rule, every value changed each pass:
+     RW1 beside Prometheus on the same bodies, RW2, and values that repeat
+     as real kubelets send them;
+  9. growth (--growth-pods, the exporter alone: Prometheus needs over 10 GiB
+     at 10,000 full pods): ingest per CPU-second against 8, /metrics while
+     the pods are first loaded and after every value changed (worst of 5),
+     bytes per input series, and from those costs the pods one exporter
+     takes at a 15 s scrape interval within 60% of a core.
 """
 
 import argparse
@@ -168,13 +179,14 @@ class Series:
         self.step = step
 
 
-def cluster_model(pods, generation=0, seed=1):
+def cluster_model(pods, generation=0, seed=1, keep=None):
     """The series prometheus1 would forward for `pods` pods on 30-pod nodes.
 
     Labels are what a kube-prometheus-stack kubelet ServiceMonitor attaches
     (endpoint, instance, job, metrics_path, node, service) plus an external
     `cluster` label; empty labels are absent, as Prometheus drops them.
-    generation makes every pod name and uid new, for churn.
+    generation makes every pod name and uid new, for churn. keep, a set of
+    family names, is prometheus1's keep rule: only those are sent.
     """
     rng = random.Random(seed * 1_000_003 + generation)
     series = []
@@ -222,19 +234,35 @@ def cluster_model(pods, generation=0, seed=1):
             if kind == 'pause':
                 families += [(name, True, [(('interface', 'eth0'),)])
                              for name in NETWORK_FAMILIES]
+            if keep is not None:
+                families = [family for family in families if family[0] in keep]
             for name, counter, extras in families:
                 for extra in extras:
                     labels = sorted([('__name__', name), *base_labels, *extra])
                     base = float(rng.randrange(1, 1 << 30))
                     step = float(rng.randrange(1, 5000)) if counter or name in EXPORTED else 0.0
                     series.append(Series(tuple(labels), base, step))
-        for name in MACHINE_FAMILIES:
+        for name in MACHINE_FAMILIES if keep is None else ():
             labels = sorted([('__name__', name), *target,
                              ('boot_id', f'{rng.getrandbits(128):032x}'),
                              ('machine_id', f'ec2{rng.getrandbits(116):029x}'),
                              ('system_uuid', f'ec2{rng.getrandbits(116):029x}')])
             series.append(Series(tuple(labels), float(rng.randrange(1, 64)), 0.0))
     return series
+
+
+# As real kubelets send them: a filesystem's limit does not move, the 10 s
+# cpu load is 0 unless the kubelet is started to measure it, and the most
+# memory a container used moves only when it uses more.
+REPEATED_FAMILIES = ('container_fs_limit_bytes', 'container_cpu_load_average_10s',
+                     'container_memory_max_usage_bytes')
+
+
+def with_repeated_values(series):
+    """The series with the values of REPEATED_FAMILIES the same every pass."""
+    return [Series(item.labels, 0.0 if item.labels[0][1] == 'container_cpu_load_average_10s'
+                   else item.base, 0.0) if item.labels[0][1] in REPEATED_FAMILIES else item
+            for item in series]
 
 
 def interleave_like_shards(series, shards):
@@ -735,6 +763,175 @@ def bench_size(pods, clock, results, scrape_count):
                 server.stop()
 
 
+def keep_rule_model(pods):
+    """The series prometheus1 sends with the README's keep rule: the five only."""
+    return cluster_model(pods, keep=set(EXPORTED))
+
+
+def bench_keep_rule(pods, clock):
+    """Keep-rule traffic at `pods` pods: RW1 beside Prometheus, RW2, repeated values."""
+    print(f'== keep-rule traffic, {pods} pods: building payloads', file=sys.stderr)
+    series = keep_rule_model(pods)
+    repeated = with_repeated_values(series)
+    samples = len(series)
+    row = {'pods': pods, 'samples': samples,
+           'repeated_share': sum(1 for item in repeated if not item.step) / samples}
+    rw1, rw2 = encode_batches(series, 1), encode_batches(series, 2)
+    rw1_repeated = encode_batches(repeated, 1)
+    row['requests'] = len(rw1)
+    exporter = prometheus = None
+    try:
+        exporter = start_exporter()
+        prometheus = start_prometheus()
+        warm = stamp_bodies(rw1, 0, clock.next())
+        for server in (exporter, prometheus):
+            measure_ingest(server, warm, RW1_HEADERS, samples)
+        del warm
+        print('   ingest RW1, both servers', file=sys.stderr)
+        (row['exporter_rw1'], row['prometheus_rw1']), next_pass = measure_ingest_passes(
+            (exporter, prometheus), rw1, RW1_HEADERS, samples, clock, first_pass=1)
+        print('   ingest RW2', file=sys.stderr)
+        (row['exporter_rw2'],), next_pass = measure_ingest_passes(
+            (exporter,), rw2, RW2_HEADERS, samples, clock, first_pass=next_pass,
+            bystanders=(prometheus,))
+        print('   ingest RW1 with repeated values', file=sys.stderr)
+        (row['exporter_repeated'],), next_pass = measure_ingest_passes(
+            (exporter,), rw1_repeated, RW1_HEADERS, samples, clock, first_pass=next_pass,
+            bystanders=(prometheus,))
+    finally:
+        for server in (exporter, prometheus):
+            if server is not None:
+                server.stop()
+    return row
+
+
+GROWTH_SCRAPES = 5
+
+
+def bench_growth(pods, clock):
+    """The exporter alone at `pods` pods of keep-rule traffic.
+
+    Prometheus is not run beside it: at 10,000 full pods it needs over
+    10 GiB already. Measured: scrapes during the first load (new pods must
+    not stall them), ingest per CPU-second, /metrics after every value
+    changed, bytes per input series, and the CPU of one scrape.
+    """
+    print(f'== growth: keep-rule traffic, {pods} pods: building payloads', file=sys.stderr)
+    built = time.perf_counter()
+    series = keep_rule_model(pods)
+    samples = len(series)
+    rw1 = encode_batches(series, 1)
+    del series
+    print(f'   {samples} series/pass, {len(rw1)} requests, built in '
+          f'{time.perf_counter() - built:.0f} s', file=sys.stderr)
+    row = {'pods': pods, 'samples': samples}
+    exporter = None
+    try:
+        exporter = start_exporter({'K8S_EXPORTER_MAX_SERIES': str(max(samples * 2, 10**6))})
+        time.sleep(1.0)
+        idle_rss = rss_bytes(exporter.pid)
+        print('   first load, scraped back to back', file=sys.stderr)
+        first = stamp_bodies(rw1, 0, clock.next())
+        row['load'], row['load_scrapes'] = scrapes_during(
+            exporter.port, '/metrics', functools.partial(measure_ingest, exporter, first,
+                                                         RW1_HEADERS, samples))
+        del first
+        row['input_series'] = self_metric(exporter, 'k8s_exporter_input_series')
+        row['rss'] = rss_bytes(exporter.pid)
+        row['bytes_per_series'] = (row['rss'] - idle_rss) / max(row['input_series'], 1)
+        print('   ingest RW1', file=sys.stderr)
+        wait_until_quiet([exporter.pid])
+        (row['ingest'],), next_pass = measure_ingest_passes(
+            (exporter,), rw1, RW1_HEADERS, samples, clock, first_pass=1)
+        print(f'   /metrics after every value changed, {GROWTH_SCRAPES} of each', file=sys.stderr)
+        for gzip_encoding in (False, True):
+            seconds, cpu = [], []
+            for _ in range(GROWTH_SCRAPES):
+                bodies = stamp_bodies(rw1, next_pass, clock.next())
+                next_pass += 1
+                send_pass(exporter.port, bodies, RW1_HEADERS)
+                del bodies
+                wait_until_quiet([exporter.pid])
+                before = cpu_seconds(exporter.pid)
+                seconds.append(scrape_latencies(exporter.port, '/metrics', gzip_encoding,
+                                                1)['median'])
+                cpu.append(cpu_seconds(exporter.pid) - before)
+            kind = 'gzip' if gzip_encoding else 'plain'
+            row[f'fresh_{kind}'], row[f'fresh_{kind}_cpu'] = seconds, cpu
+        row['rss_scraped'] = rss_bytes(exporter.pid)
+    finally:
+        if exporter is not None:
+            exporter.stop()
+    return row
+
+
+def profile_kept_path(pods, passes=3):
+    """Where a kept sample's CPU goes, in process (no HTTP, no threads):
+    keep-rule bodies decoded and applied to a Store, pass after pass, under
+    cProfile. Prints microseconds per sample by stage and the top functions.
+    """
+    import cProfile
+    import pstats
+
+    import k8s_exporter
+    print(f'== profile of the kept path, keep-rule traffic, {pods} pods, in process',
+          file=sys.stderr)
+    series = keep_rule_model(pods)
+    batches = encode_batches(series, 1)
+    config = k8s_exporter.Config()
+    exporter = k8s_exporter.Exporter(config)
+    store, decoder = exporter.store, exporter.decoder
+    now_ms = int(time.time() * 1000)
+    stages = {'snappy': 0.0, 'decode': 0.0, 'apply': 0.0}
+    profile = cProfile.Profile()
+    # The first pass loads the store; the next are timed; the last is profiled.
+    for number in range(passes + 2):
+        bodies = stamp_bodies(batches, number, now_ms - 60_000 + number)
+        timed = 0 < number <= passes
+        if number > passes:
+            profile.enable()
+        for body in bodies:
+            started = time.process_time()
+            payload = k8s_exporter.decompress_body(body, config.max_decoded_bytes)
+            decoded_at = time.process_time()
+            decoded = decoder.decode(payload, k8s_exporter.PROTO_RW1, now_ms)
+            applied_at = time.process_time()
+            store.apply(decoded.samples, time.monotonic())
+            if timed:
+                stages['snappy'] += decoded_at - started
+                stages['decode'] += applied_at - decoded_at
+                stages['apply'] += time.process_time() - applied_at
+        profile.disable()
+    samples = len(series) * passes
+    stats = pstats.Stats(profile)
+    cumulative = {function[2]: entry[3] for function, entry in stats.stats.items()}
+    render_share = cumulative.get('_render_pod', 0.0) / cumulative['apply']
+    total = sum(stages.values())
+    print(f'kept path, {pods:,} pods, {len(series):,} samples a pass, {passes} passes: '
+          f'{total / samples * 1e6:.2f} us a sample, {samples / total / 1000:,.0f}k '
+          'samples/CPU-s')
+    print('  ' + ', '.join(f'{stage} {seconds / samples * 1e6:.2f} us'
+                           for stage, seconds in stages.items())
+          + f' (of which re-rendering the pods: {render_share:.0%}, from cProfile)')
+    stats.sort_stats('tottime').print_stats(12)
+
+
+# The pods one exporter takes: each pod's samples once per scrape interval,
+# and one scrape of /metrics (gzip, every value changed) per interval, on
+# at most this share of a core.
+SCRAPE_INTERVAL_SECONDS = 15
+CORE_SHARE = 0.6
+
+
+def pods_per_core(growth):
+    """Pods at SCRAPE_INTERVAL_SECONDS within CORE_SHARE of a core, from growth's costs."""
+    pods, samples = growth['pods'], growth['samples']
+    per_sample = 1 / growth['ingest']['per_cpu']
+    per_pod_scrape = max(growth['fresh_gzip_cpu']) / pods
+    per_pod = samples / pods * per_sample + per_pod_scrape
+    return CORE_SHARE * SCRAPE_INTERVAL_SECONDS / per_pod, per_sample, per_pod_scrape
+
+
 def bench_churn(pods, passes, clock):
     """Pods replaced every pass: half end with stale markers, half by TTL (5 s)."""
     print(f'== churn: {pods} pods replaced on each of {passes} passes', file=sys.stderr)
@@ -889,7 +1086,60 @@ def prometheus_version():
     return output.split()[2] if output.startswith('prometheus, version') else '?'
 
 
-def print_report(results, churn, pages):
+def keep_rule_rows(keep, growth):
+    """The report's lines for keep-rule traffic, growth and pods per core."""
+    rows = []
+    if keep:
+        rows.append((f'keep-rule traffic, {keep["pods"]:,} pods: the five only, '
+                     f'{keep["samples"]:,} samples per pass ({keep["samples"] / keep["pods"]:.1f} '
+                     f'per pod), {keep["requests"]} requests, every value changed each pass',
+                     '', '', ''))
+        ours, theirs = keep['exporter_rw1'], keep['prometheus_rw1']
+        rows.append(('  ingest RW1, samples/CPU-s of the server', _rate(ours['per_cpu']),
+                     _rate(theirs['per_cpu']), _ratio(ours['per_cpu'], theirs['per_cpu'])))
+        rows.append(('  ingest RW1, samples/s wall', _rate(ours['per_wall']),
+                     _rate(theirs['per_wall']), _ratio(ours['per_wall'], theirs['per_wall'])))
+        rw2 = keep['exporter_rw2']
+        rows.append(('  ingest RW2, samples/CPU-s of the server', _rate(rw2['per_cpu']), 'n/a',
+                     _ratio(rw2['per_cpu'], theirs['per_cpu'])))
+        repeated = keep['exporter_repeated']
+        rows.append((f'  ingest RW1, {keep["repeated_share"]:.0%} of values repeated '
+                     f'({", ".join(name[10:] for name in REPEATED_FAMILIES)}), samples/CPU-s',
+                     _rate(repeated['per_cpu']), '', _ratio(repeated['per_cpu'],
+                                                            theirs['per_cpu'])))
+    if growth:
+        pods = growth['pods']
+        rows.append((f'growth: keep-rule traffic, {pods:,} pods, {growth["samples"]:,} input '
+                     'series, the exporter alone', '', '', ''))
+        cost = 1 / growth['ingest']['per_cpu']
+        ratio = ''
+        if keep:
+            ratio = f'{cost * keep["exporter_rw1"]["per_cpu"]:.2f}x of {keep["pods"]:,} pods'
+        rows.append(('  ingest RW1, samples/CPU-s (CPU per sample)',
+                     f'{_rate(growth["ingest"]["per_cpu"])} ({cost * 1e6:.1f} us)', '', ratio))
+        load = growth['load_scrapes']
+        if load:
+            rows.append((f'  first load ({_rate(growth["load"]["per_wall"])} samples/s wall): '
+                         f'/metrics back to back, median/max of {len(load)}',
+                         f'{_ms(statistics.median(load))}/{_ms(max(load))}', '', ''))
+        for kind in ('plain', 'gzip'):
+            fresh = growth[f'fresh_{kind}']
+            rows.append((f'  /metrics {kind} after every value changed, median/worst of '
+                         f'{len(fresh)}', f'{_ms(statistics.median(fresh))}/{_ms(max(fresh))}',
+                         '', ''))
+        rows.append((f'  bytes per input series ({growth["input_series"]:,.0f} series, RSS '
+                     f'{growth["rss"] / 2**20:,.0f} MiB; after the scrapes '
+                     f'{growth["rss_scraped"] / 2**20:,.0f} MiB)',
+                     f'{growth["bytes_per_series"]:,.0f}', '', ''))
+        taken, per_sample, per_pod_scrape = pods_per_core(growth)
+        rows.append((f'  pods at a {SCRAPE_INTERVAL_SECONDS} s scrape interval within '
+                     f'{CORE_SHARE:.0%} of a core ({growth["samples"] / pods:.1f} samples '
+                     f'x {per_sample * 1e6:.1f} us + a scrape\'s {per_pod_scrape * 1e6:.1f} us '
+                     'per pod)', f'{taken:,.0f}', '', ''))
+    return rows
+
+
+def print_report(results, churn, pages, keep=None, growth=None):
     rows = []
     for pods, row in results.items():
         rows.append((f'{pods:,} pods: {row["samples"]:,} samples per pass, '
@@ -1006,6 +1256,7 @@ def print_report(results, churn, pages):
                          f'{len(early) + 1}-{len(churn)}',
                          f'{max(row[column] for row in early) / unit:,.0f} / '
                          f'{max(row[column] for row in late) / unit:,.0f}', '', ''))
+    rows += keep_rule_rows(keep, growth)
     header = ('', 'k8s_exporter', 'prometheus', 'ratio')
     widths = [max(len(str(line[i])) for line in rows + [header]) for i in range(4)]
     print(f'machine: {machine_description()}')
@@ -1027,23 +1278,40 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--quick', action='store_true', help='small sizes, for a smoke run')
     parser.add_argument('--pods', default='1000,10000',
-                        help='comma list of cluster sizes in pods (default 1000,10000)')
+                        help='comma list of cluster sizes in pods, full payloads '
+                             '(default 1000,10000; 0 for none)')
     parser.add_argument('--pages-pods', default='10000,100000',
                         help='comma list of sizes in pods for the pages rendered in process '
                              '(default 10000,100000; empty for none)')
+    parser.add_argument('--keep-pods', type=int, default=10_000,
+                        help='pods of keep-rule traffic beside Prometheus (default 10000; 0: none)')
+    parser.add_argument('--growth-pods', type=int, default=150_000,
+                        help='pods of keep-rule traffic, the exporter alone (default 150000; '
+                             '0: none)')
+    parser.add_argument('--no-churn', action='store_true', help='leave out the churn run')
+    parser.add_argument('--profile', type=int, metavar='PODS',
+                        help='only profile the kept path in process at PODS pods')
     args = parser.parse_args(argv)
-    sizes = [100, 300] if args.quick else [int(part) for part in args.pods.split(',')]
+    if args.profile:
+        profile_kept_path(args.profile)
+        return
+    sizes = [100, 300] if args.quick else [int(part) for part in args.pods.split(',')
+                                           if int(part)]
+    keep_pods = 300 if args.quick else args.keep_pods
+    growth_pods = 1_000 if args.quick else args.growth_pods
     clock = PassClock()
     results = {}
     started = time.monotonic()
     for pods in sizes:
         bench_size(pods, clock, results, 5 if args.quick else 20)
-    churn = bench_churn(100 if args.quick else 500, 6 if args.quick else 12,
-                        clock)
+    keep = bench_keep_rule(keep_pods, clock) if keep_pods else None
+    growth = bench_growth(growth_pods, clock) if growth_pods else None
+    churn = None if args.no_churn else bench_churn(100 if args.quick else 500,
+                                                   6 if args.quick else 12, clock)
     pages = {pods: bench_pages_in_process(pods, 5 if args.quick else 20)
              for pods in ([1000] if args.quick else
                           [int(part) for part in args.pages_pods.split(',') if part])}
-    print_report(results, churn, pages)
+    print_report(results, churn, pages, keep, growth)
     print(f'total {time.monotonic() - started:.0f} s; command: {" ".join(sys.argv)}')
 
 

@@ -26,6 +26,9 @@ Environment, read and checked once at start-up:
     K8S_EXPORTER_MAX_DECODED_BYTES          67108864      largest write body, decompressed
     K8S_EXPORTER_MAX_SERIES                 1000000       most input series held
     K8S_EXPORTER_MAX_CONCURRENT_DECODES     1             write bodies decoded at once
+    K8S_EXPORTER_MAX_LABEL_NAME_BYTES       256           longest label name of an exported series
+    K8S_EXPORTER_MAX_LABEL_VALUE_BYTES      2048          longest label value of one
+    K8S_EXPORTER_MAX_LABELS_PER_SERIES      128           most labels of one
     K8S_EXPORTER_WRITE_BEARER_TOKEN_FILE    (none)        token POST /write requires
     K8S_EXPORTER_WRITE_BASIC_AUTH_FILE      (none)        user:password lines it accepts
     K8S_EXPORTER_METRICS_BEARER_TOKEN_FILE  (none)        the same for GET /metrics and pages
@@ -187,6 +190,13 @@ class Config:
     # Decoding holds the GIL: one at a time is ~10% more samples per CPU-second
     # than two with four senders, and bounds decoding memory to one body.
     max_concurrent_decodes: int = 1
+    # Of the series of exported metrics (others are never decoded). The
+    # kubelet captures in ../shared/fixtures/ send at most 8 labels, names of
+    # 44 bytes and values of 185 (Prometheus adds its target labels, ~7):
+    # the defaults leave room many times over and bound what one series holds.
+    max_label_name_bytes: int = 256
+    max_label_value_bytes: int = 2048
+    max_labels_per_series: int = 128
     listen: str = '0.0.0.0:9201'
     # Credentials are read from files at start-up, and again when the files
     # change (CredentialFiles); repr=False keeps them out of logs and tracebacks.
@@ -211,6 +221,12 @@ class Config:
             metrics=_env_metric_names(environ, 'K8S_EXPORTER_METRICS', defaults.metrics),
             max_concurrent_decodes=_env_number(environ, 'K8S_EXPORTER_MAX_CONCURRENT_DECODES',
                                                defaults.max_concurrent_decodes, int, 1, 64),
+            max_label_name_bytes=_env_number(environ, 'K8S_EXPORTER_MAX_LABEL_NAME_BYTES',
+                                             defaults.max_label_name_bytes, int, 16, 65536),
+            max_label_value_bytes=_env_number(environ, 'K8S_EXPORTER_MAX_LABEL_VALUE_BYTES',
+                                              defaults.max_label_value_bytes, int, 64, 1 * MiB),
+            max_labels_per_series=_env_number(environ, 'K8S_EXPORTER_MAX_LABELS_PER_SERIES',
+                                              defaults.max_labels_per_series, int, 8, 10000),
             listen=_env_listen(environ, 'K8S_EXPORTER_LISTEN', defaults.listen),
             write_auth=Credentials.from_files(environ, 'K8S_EXPORTER_WRITE'),
             metrics_auth=Credentials.from_files(environ, 'K8S_EXPORTER_METRICS'),
@@ -325,7 +341,9 @@ CREDENTIAL_FILE_VARIABLES = (
 ENVIRONMENT_VARIABLES = (
     'K8S_EXPORTER_CLUSTER', 'K8S_EXPORTER_TTL_SECONDS', 'K8S_EXPORTER_METRICS',
     'K8S_EXPORTER_MAX_BODY_BYTES', 'K8S_EXPORTER_MAX_DECODED_BYTES', 'K8S_EXPORTER_MAX_SERIES',
-    'K8S_EXPORTER_MAX_CONCURRENT_DECODES', 'K8S_EXPORTER_LISTEN', *CREDENTIAL_FILE_VARIABLES)
+    'K8S_EXPORTER_MAX_CONCURRENT_DECODES', 'K8S_EXPORTER_MAX_LABEL_NAME_BYTES',
+    'K8S_EXPORTER_MAX_LABEL_VALUE_BYTES', 'K8S_EXPORTER_MAX_LABELS_PER_SERIES',
+    'K8S_EXPORTER_LISTEN', *CREDENTIAL_FILE_VARIABLES)
 
 # cAdvisor's container metrics (v0.49, as the kubelet serves them): a name
 # in K8S_EXPORTER_METRICS outside these is most likely a typo, which would
@@ -559,11 +577,14 @@ class DecodedWrite:
     histograms: int = 0      # native histogram samples accepted (and not exported)
     exemplars: int = 0       # exemplars accepted (and not exported)
     bad_series: int = 0
+    oversized: int = 0       # of invalid, samples of series over a label limit
     first_error: str = ''
 
     def reject_series(self, reason, samples, histograms=(), exemplars=()):
         self.bad_series += 1
         self.invalid += len(samples)
+        if isinstance(reason, Oversized):
+            self.oversized += len(samples)
         self.histograms -= len(histograms)
         self.exemplars -= len(exemplars)
         if not self.first_error:
@@ -588,14 +609,23 @@ class RemoteWriteDecoder:
     in full: the tests check that both give the same result.
     """
 
-    def __init__(self, metrics, default_cluster, fast_paths=True):
+    def __init__(self, metrics, default_cluster, fast_paths=True, known_series=None,
+                 limits=None):
         self.wanted = {name: index for index, name in enumerate(metrics)}
+        self.limits = limits or LabelLimits()
         self.default_cluster = default_cluster
         self.fast_paths = fast_paths
         self._rw1_skip = rw1_skip_pattern(tuple(metrics)) if fast_paths else None
+        self.known = (known_series or KnownSeries()) if fast_paths else None
+        # The names whose series share a KnownSeries key per cgroup (see _learn).
+        self._name_shared = {name.encode(): metric for name, metric in self.wanted.items()
+                             if not PART_LABELS.get(name) and len(name.encode()) < 0x80
+                             and len(name.encode()) <= self.limits.value_bytes}
 
     def decode(self, payload, protocol, now_ms):
         latest_ms = now_ms + MAX_AHEAD_MS
+        if self.known is not None:
+            self.known.age(now_ms)
         try:
             if protocol == PROTO_RW2:
                 return self._decode_rw2(payload, latest_ms)
@@ -614,7 +644,48 @@ class RemoteWriteDecoder:
         if self._rw1_skip is not None:
             # filterfalse over a C-level match: a dropped series costs no bytecode.
             series_bytes = itertools.filterfalse(self._rw1_skip, series_bytes)
+        # A series seen before, with one sample: its identity by its labels'
+        # bytes, its sample read in place (see KnownSeries).
+        lookup = self.known.get if self.known is not None else None
+        append = decoded.samples.append
+        kept = future = no_pod = 0
+        stamps = {}
         for raw in series_bytes:
+            sample = lookup and single_sample(raw)
+            if sample:
+                labels_end, value, stamp = sample
+                # __name__ first, as Prometheus sorts labels: the labels after
+                # it are the key, which a cgroup's series of the metrics
+                # without a part label share (2.4 series a key in the bench).
+                metric = None
+                if raw[0] == 0x0A and raw.startswith(NAME_LABEL_HEAD, 2) and raw[1] < 0x80 \
+                        and raw[13] == raw[1] - 12:
+                    metric = self._name_shared.get(raw[14:2 + raw[1]])
+                # An entry holds a metric if and only if its key holds the
+                # __name__: a key found in the other role is learned anew.
+                if metric is None:
+                    labels_raw = raw[:labels_end]
+                    kept_series = lookup(labels_raw)
+                    if kept_series is None or kept_series[1] is None:
+                        kept_series = self._learn(labels_raw)
+                else:
+                    labels_raw = raw[2 + raw[1]:labels_end]
+                    kept_series = lookup(labels_raw)
+                    if kept_series is None or kept_series[1] is not None:
+                        kept_series = self._learn(labels_raw, raw[14:2 + raw[1]])
+                timestamp = stamps.get(stamp) or stamps.setdefault(stamp, varint6(stamp))
+                if kept_series and timestamp:
+                    kept += 1
+                    if kept_series[0] is None:
+                        no_pod += 1
+                    elif timestamp > latest_ms:
+                        future += 1
+                    elif metric is None:
+                        append(_new_tuple(Sample, (*kept_series, timestamp, value)))
+                    else:
+                        append(_new_tuple(Sample, (kept_series[0], metric, kept_series[2],
+                                                   timestamp, value)))
+                    continue
             try:
                 series = remote_pb2.TimeSeriesLabelMap.FromString(raw)
             except DecodeError:
@@ -630,8 +701,41 @@ class RemoteWriteDecoder:
                 # histograms land here too, and take the slow path to no harm.)
                 labels = {label.name: label.value
                           for label in remote_pb2.TimeSeries.FromString(raw).labels}
-            self._take_series(decoded, labels, series.samples, latest_ms)
+            self._take_series(decoded, labels, series.samples, latest_ms, size_hint=len(raw))
+        decoded.kept += kept - future
+        decoded.no_pod += no_pod
+        decoded.future += future
         return decoded.counted(tally.timeseries)
+
+    def _learn(self, labels_raw, name=None):
+        """The KeptSeries of a RW 1.0 series' label bytes, remembered; None if
+        the full path must read it (not exported, refused, unusual bytes).
+
+        With name (of _name_shared), labels_raw are the labels after that
+        __name__, and the KeptSeries holds no metric: it is the same for
+        every name of _name_shared, none of which has a part label or can
+        be over a label limit.
+        """
+        if len(labels_raw) > KnownSeries.MAX_KEY_BYTES:
+            return None
+        try:
+            series = remote_pb2.TimeSeriesLabelMap.FromString(labels_raw)
+        except DecodeError:
+            return None
+        if series.samples or UnknownFieldSet(series):
+            return None
+        labels = series.labels
+        if name is not None:
+            if '__name__' in labels:
+                return None
+            labels = {'__name__': name.decode(), **labels}
+        kept_series = self._identify(labels, size_hint=len(labels_raw) + 14 + len(name or b''))
+        if kept_series.__class__ is not KeptSeries:
+            return None
+        if name is not None:
+            kept_series = kept_series._replace(metric=None)
+        self.known.put(labels_raw, kept_series)
+        return kept_series
 
     def _decode_rw2(self, payload, latest_ms):
         check_utf8 = False
@@ -648,6 +752,13 @@ class RemoteWriteDecoder:
         decoded = DecodedWrite(samples=[], histograms=len(tally.histograms),
                                exemplars=len(tally.exemplars))
         symbol_count = len(symbols)
+        lookup = text_of_ref = None
+        if self.known is not None and not check_utf8:
+            lookup = self.known.get
+            text_of_ref = dict(zip(varints(symbol_count), symbols)).__getitem__
+        append = decoded.samples.append
+        kept = future = no_pod = 0
+        stamps = {}
         find_name = None
         # With native histograms in the request every series is read: each
         # histogram is checked (cAdvisor sends none).
@@ -675,6 +786,30 @@ class RemoteWriteDecoder:
                     if value >= 0x80:     # a ref of two bytes or more (past 127 symbols)
                         value = _varint_at(raw, at, end, symbol_count)
                     if value not in read and value < symbol_count:
+                        continue
+            # A series of labels and one sample only: known by its label texts
+            # joined with NULs; a text with a NUL in it would add one, so with
+            # one NUL fewer than texts the join is a key only they make.
+            sample = text_of_ref and single_sample(raw)
+            if sample and raw[0] == 0x0A and sample[0] == 2 + raw[1]:
+                refs = VARINT_RE.findall(raw, 2, sample[0])
+                try:
+                    texts = '\0'.join(map(text_of_ref, refs))
+                except KeyError:       # a ref past the symbols, or in more bytes than needed
+                    texts = ''
+                timestamp = stamps.get(sample[2]) or stamps.setdefault(sample[2],
+                                                                       varint6(sample[2]))
+                if (texts and not len(refs) % 2 and texts.count('\0') == len(refs) - 1
+                        and timestamp):
+                    kept_series = lookup(texts) or self._learn_rw2(texts, raw, symbols)
+                    if kept_series:
+                        kept += 1
+                        if kept_series[0] is None:
+                            no_pod += 1
+                        elif timestamp > latest_ms:
+                            future += 1
+                        else:
+                            append(_new_tuple(Sample, (*kept_series, timestamp, sample[1])))
                         continue
             series = remote_pb2.TimeSeriesV2.FromString(raw)
             refs = series.labels_refs
@@ -706,37 +841,64 @@ class RemoteWriteDecoder:
             else:
                 reason = f'label ref out of range of {symbol_count} symbols'
             decoded.reject_series(reason, series.samples, series.histograms, series.exemplars)
+        decoded.kept += kept - future
+        decoded.no_pod += no_pod
+        decoded.future += future
         return decoded.counted(tally)
 
-    def _take_series(self, decoded, labels, samples, latest_ms, check_utf8=False,
-                     series_v2=None):
-        """Check one fully decoded series; keep its samples if its metric is exported."""
-        reason = None
+    def _learn_rw2(self, texts, raw, symbols):
+        """The KeptSeries of a RW 2.0 series by its label texts, remembered;
+        None if the full path must read it."""
+        pairs = iter(remote_pb2.TimeSeriesV2.FromString(raw).labels_refs)
+        labels = {symbols[name]: symbols[value] for name, value in zip(pairs, pairs)}
+        kept_series = self._identify(labels, size_hint=len(texts))
+        if kept_series.__class__ is not KeptSeries or len(texts) > KnownSeries.MAX_KEY_BYTES:
+            return None
+        self.known.put(texts, kept_series)
+        return kept_series
+
+    def _identify(self, labels, check_utf8=False, size_hint=None):
+        """The KeptSeries of a fully decoded series, None if its metric is not
+        exported, or the reason (a str) it is refused.
+
+        size_hint is the most bytes its labels' texts can have in all, if known.
+        """
         name = labels.get('__name__')
         if not labels:
-            reason = 'series with no labels'
-        elif not name:
-            reason = 'series with no __name__ label'
-        else:
-            metric = self.wanted.get(name)
-            if metric is None:
-                return        # not exported: its other labels are not read
-            if check_utf8 and not all(map(_is_utf8, itertools.chain(*labels.items()))):
-                reason = f'series of {name} with a label that is not valid UTF-8'
-        if reason is not None:
+            return 'series with no labels'
+        if not name:
+            return 'series with no __name__ label'
+        metric = self.wanted.get(name)
+        if metric is None:
+            return None        # not exported: its other labels are not read
+        if check_utf8 and not all(map(_is_utf8, itertools.chain(*labels.items()))):
+            return f'series of {name} with a label that is not valid UTF-8'
+        oversized = self.limits.problem(name, labels, size_hint)
+        if oversized is not None:
+            return oversized
+        identity = pod_series_identity(labels, self.default_cluster, PART_LABELS.get(name, ''))
+        if identity is None:
+            return _new_tuple(KeptSeries, (None, metric, None))
+        return _new_tuple(KeptSeries, (identity[0], metric, identity[1]))
+
+    def _take_series(self, decoded, labels, samples, latest_ms, check_utf8=False,
+                     series_v2=None, size_hint=None):
+        """Check one fully decoded series; keep its samples if its metric is exported."""
+        kept_series = self._identify(labels, check_utf8, size_hint)
+        if kept_series is None:
+            return
+        if kept_series.__class__ is not KeptSeries:
             if series_v2 is None:
-                decoded.reject_series(reason, samples)
+                decoded.reject_series(kept_series, samples)
             else:
-                decoded.reject_series(reason, samples, series_v2.histograms,
+                decoded.reject_series(kept_series, samples, series_v2.histograms,
                                       series_v2.exemplars)
             return
         count = len(samples)
-        identity = pod_series_identity(labels, self.default_cluster, PART_LABELS.get(name, ''))
-        if identity is None:
+        if kept_series.pod is None:
             decoded.kept += count
             decoded.no_pod += count
             return
-        pod, series_key = identity
         append = decoded.samples.append
         future = 0
         for sample in samples:
@@ -744,9 +906,141 @@ class RemoteWriteDecoder:
             if timestamp > latest_ms:
                 future += 1
                 continue
-            append(_new_tuple(Sample, (pod, metric, series_key, timestamp, sample.value)))
+            append(_new_tuple(Sample, (*kept_series, timestamp, sample.value)))
         decoded.kept += count - future
         decoded.future += future
+
+
+class Oversized(str):
+    """The reason a series over a label limit is refused: counted apart."""
+
+
+class LabelLimits(NamedTuple):
+    """Config's bounds on the labels of one exported series, in UTF-8 bytes."""
+    name_bytes: int = Config.max_label_name_bytes
+    value_bytes: int = Config.max_label_value_bytes
+    per_series: int = Config.max_labels_per_series
+
+    @classmethod
+    def of(cls, config):
+        return cls(config.max_label_name_bytes, config.max_label_value_bytes,
+                   config.max_labels_per_series)
+
+    def problem(self, name, labels, size_hint=None):
+        """The Oversized reason of labels over a limit, or None.
+
+        Labels whose texts have size_hint bytes in all, no more than either
+        length limit, need only be counted: the lengths are read (and the
+        texts of a protobuf map built) only for larger ones.
+        """
+        if len(labels) > self.per_series:
+            return Oversized(f'series of {name} with {len(labels)} labels, over '
+                             f'K8S_EXPORTER_MAX_LABELS_PER_SERIES={self.per_series}')
+        if size_hint is not None and size_hint <= min(self.name_bytes, self.value_bytes):
+            return None
+        for label, value in labels.items():
+            if _utf8_length(label) > self.name_bytes:
+                return Oversized(f'series of {name} with a label name of {_utf8_length(label)} '
+                                 f'bytes, over K8S_EXPORTER_MAX_LABEL_NAME_BYTES='
+                                 f'{self.name_bytes}')
+            if _utf8_length(value) > self.value_bytes:
+                return Oversized(f'series of {name} with a {_clip(label, 40)} label of '
+                                 f'{_utf8_length(value)} bytes, over '
+                                 f'K8S_EXPORTER_MAX_LABEL_VALUE_BYTES={self.value_bytes}')
+        return None
+
+
+def _utf8_length(text):
+    """Bytes of text on the wire (a surrogate from _text stands for one byte)."""
+    return len(text) if text.isascii() else len(text.encode('utf-8', 'surrogateescape'))
+
+
+class KeptSeries(NamedTuple):
+    """What a kept series' labels decide: the first three fields of its Samples."""
+    pod: 'PodKey'            # None: the series has no pod identity
+    metric: int
+    series: 'SeriesKey'
+
+
+class KnownSeries:
+    """The KeptSeries of RW 1.0 series seen lately, by the exact bytes of their labels.
+
+    prometheus1 sends every series again each scrape interval with the same
+    labels, so a known series skips label decoding and pod identity: in
+    process, on a loaded machine, decoding a kept RW 1.0 sample took 21.3 us
+    in full and 5.0 us known; RW 2.0 17.0 and 11.2 (keep-rule bodies,
+    2026-12-02; the README's performance section). Only bytes the full
+    path has read, checked and found exported are remembered, and a sample
+    is read in place only when the series is those bytes and one sample
+    after them (single_sample), so a known series passes the same checks.
+
+    A KeptSeries is a function of the label bytes alone, so entries never
+    go wrong, only old: two generations, the older dropped every
+    ttl_seconds (or once the newer holds max_entries); a series found in
+    the older moves to the newer. Labels longer than MAX_KEY_BYTES are not
+    remembered (kubelet series have 250-600 bytes). The keys cost memory:
+    about 700 bytes each in the bench, one for the labels after __name__
+    that a cgroup's series share (2.4 series a key), which halved what the
+    whole labels as keys took. Like ExpositionCache it
+    is derived data: two decodes at once may each miss, never mislead.
+    """
+    MAX_KEY_BYTES = 1024
+
+    def __init__(self, ttl_seconds=Config.ttl_seconds, max_entries=Config.max_series):
+        self.window_ms = ttl_seconds * 1000
+        self.max_entries = max_entries
+        self.newer, self.older = {}, {}
+        self.since_ms = None
+
+    def get(self, labels_raw):
+        """The KeptSeries of these label bytes, or None (then learn and put it)."""
+        kept_series = self.newer.get(labels_raw)
+        if kept_series is None:
+            kept_series = self.older.pop(labels_raw, None)
+            if kept_series is not None:
+                self.newer[labels_raw] = kept_series
+        return kept_series
+
+    def put(self, labels_raw, kept_series):
+        if len(self.newer) >= self.max_entries:
+            self.newer, self.older = {}, self.newer
+        self.newer[labels_raw] = kept_series
+
+    def age(self, now_ms):
+        """Start a new generation if the newer one is ttl_seconds old."""
+        if self.since_ms is None or now_ms - self.since_ms >= self.window_ms:
+            if self.since_ms is not None:
+                self.newer, self.older = {}, self.newer
+            self.since_ms = now_ms
+
+
+_unpack_double = struct.Struct('<d').unpack_from
+
+
+def single_sample(raw, _unpack=_unpack_double):
+    """(where the labels end, value, timestamp varint) of a series whose last
+    field is its one sample, as Prometheus encodes it; None otherwise.
+
+    The sample is tag 0x12 and a length of 16: the value (tag 0x09, 8
+    bytes) and the timestamp (tag 0x10, 6 varint bytes: every millisecond
+    from 1971 to 2109); or a length of 7, without the value, for 0.0,
+    which proto3 does not write. varint6 checks the timestamp's bytes.
+    """
+    end = len(raw)
+    if end > 18 and raw[-18] == 0x12 and raw[-17] == 0x10 and raw[-16] == 0x09 \
+            and raw[-7] == 0x10:
+        return end - 18, _unpack(raw, end - 15)[0], raw[-6:]
+    if end > 9 and raw[-9] == 0x12 and raw[-8] == 0x07 and raw[-7] == 0x10:
+        return end - 9, 0.0, raw[-6:]
+    return None
+
+
+def varint6(raw):
+    """The value of a varint of exactly 6 bytes, or 0 if raw is not one."""
+    if raw[5] >= 0x80 or min(raw[:5]) < 0x80:
+        return 0
+    return (raw[0] & 0x7F | (raw[1] & 0x7F) << 7 | (raw[2] & 0x7F) << 14
+            | (raw[3] & 0x7F) << 21 | (raw[4] & 0x7F) << 28 | raw[5] << 35)
 
 
 # Native histogram schemas: exponential -4..8, and custom buckets.
@@ -870,6 +1164,22 @@ def _varint_at(raw, at, end, otherwise):
         shift += 7
         at += 1
     return otherwise
+
+
+# A __name__ Label's start: its name field, then its value's tag.
+NAME_LABEL_HEAD = b'\x0a\x08__name__\x12'
+VARINT_RE = re.compile(rb'[\x80-\xff]*[\x00-\x7f]')
+
+
+@functools.lru_cache(maxsize=4)
+def _varints_below(power):
+    return tuple(map(_varint, range(1 << power)))
+
+
+def varints(count):
+    """The varint encodings of 0 .. count-1: symbol refs as their bytes."""
+    power = max(8, (count - 1).bit_length())
+    return _varints_below(power)[:count] if power <= 20 else map(_varint, range(count))
 
 
 def _varint(number):
@@ -1197,8 +1507,7 @@ class Store:
         self.cumulative = [spec.type == 'counter' for spec in self.specs]
         self._lock = threading.Lock()
         self._pods = {}              # PodKey -> PodState
-        self._pod_keys = []          # sorted PodKeys: the output order
-        self._pod_order = []         # PodStates, in the order of _pod_keys
+        self._pod_order = PodOrder()  # the PodStates in output order
         self._live_series = 0        # series that have not ended
         self._ended_series = 0       # ended by a stale marker, held until the TTL
         self._live_pods = 0          # pods with a live series
@@ -1387,9 +1696,7 @@ class Store:
             counts = self._sender_pods[pod_key[:2]] = [0, 0, 0]
         counts[0] += 1
         self._pod_set_version += 1
-        index = bisect.bisect_left(self._pod_keys, pod_key)
-        self._pod_keys.insert(index, pod_key)
-        self._pod_order.insert(index, pod)
+        self._pod_order.add(pod_key, pod)
         return pod
 
     def _remove_pod(self, pod):
@@ -1401,9 +1708,7 @@ class Store:
         if not counts[0]:
             del self._sender_pods[sender]
         self._pod_set_version += 1
-        index = bisect.bisect_left(self._pod_keys, pod.key)
-        del self._pod_keys[index]
-        del self._pod_order[index]
+        self._pod_order.remove(pod.key)
 
     # -- expiry --------------------------------------------------------------
 
@@ -1436,7 +1741,7 @@ class Store:
         """Forget series not received for ttl_seconds, a bounded slice per lock hold."""
         cutoff = now - self.config.ttl_seconds
         with self._lock:
-            pods = list(self._pod_order)
+            pods = self._pod_order.pods()
         for start in range(0, len(pods), SWEEP_CHUNK_PODS):
             with self._lock:
                 changed = False
@@ -1505,14 +1810,14 @@ class Store:
     def pod_keys(self):
         """Every pod held, in output order: a copy of the sorted keys."""
         with self._lock:
-            return self._pod_keys[:]
+            return self._pod_order.keys()
 
     def pod_keys_since(self, known_version):
         """(version of the set of pods, pod_keys() or None when the version is
         still known_version): a copy of 100,000 keys touches every key, 3-6 ms."""
         with self._lock:
             version = self._pod_set_version
-            return version, None if version == known_version else self._pod_keys[:]
+            return version, None if version == known_version else self._pod_order.keys()
 
     def pod_value_texts(self, pod_keys):
         """{PodKey: its values per metric as /metrics spells them} of those
@@ -1557,6 +1862,60 @@ class Store:
     def note_refused_write(self, wall_time, status, reason, client):
         with self._lock:
             self.refused_writes.append((wall_time, status, reason, client))
+
+
+class PodOrder:
+    """The pods in output order (sorted PodKeys), in sorted blocks.
+
+    In one sorted list every new pod shifted the pointers of all pods after
+    it: the first load of 150,000 pods moved about 90 GB of them, holding
+    the lock (and so every scrape) for seconds per request. Here a new pod
+    shifts at most 2 * BLOCK of them, found by bisecting the blocks' first
+    keys; iterating yields the PodStates in order.
+    """
+    BLOCK = 1000
+
+    def __init__(self):
+        # Per block, a PodKey above every key of the blocks before it and at
+        # most its own first: a block's first key when it was made.
+        self._firsts = []
+        self._keys = []       # blocks of sorted PodKeys
+        self._pods = []       # the PodStates of those, block by block
+
+    def _block_of(self, key):
+        return max(0, bisect.bisect_right(self._firsts, key) - 1)
+
+    def add(self, key, pod):
+        if not self._keys:
+            self._firsts, self._keys, self._pods = [key], [[key]], [[pod]]
+            return
+        block = self._block_of(key)
+        keys, pods = self._keys[block], self._pods[block]
+        at = bisect.bisect_left(keys, key)
+        keys.insert(at, key)
+        pods.insert(at, pod)
+        if len(keys) > 2 * self.BLOCK:
+            self._keys[block + 1:block + 1] = [keys[self.BLOCK:]]
+            self._pods[block + 1:block + 1] = [pods[self.BLOCK:]]
+            self._firsts.insert(block + 1, keys[self.BLOCK])
+            del keys[self.BLOCK:], pods[self.BLOCK:]
+
+    def remove(self, key):
+        block = self._block_of(key)
+        keys = self._keys[block]
+        at = bisect.bisect_left(keys, key)
+        del keys[at], self._pods[block][at]
+        if not keys:
+            del self._firsts[block], self._keys[block], self._pods[block]
+
+    def __iter__(self):
+        return itertools.chain.from_iterable(self._pods)
+
+    def keys(self):
+        return list(itertools.chain.from_iterable(self._keys))
+
+    def pods(self):
+        return list(self)
 
 
 def _add_to(sets, key, item):
@@ -1653,7 +2012,7 @@ class StoreSnapshot(NamedTuple):
 
 WRITE_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 IGNORE_REASONS = ('unexported_metric', 'no_pod', 'out_of_order', 'invalid_series',
-                  'series_limit', 'future_timestamp')
+                  'series_limit', 'future_timestamp', 'label_limit')
 WRITE_RESULTS = ('applied', 'partial', 'refused')
 CUT_OFF_REASONS = ('silent', 'slow_body', 'slow_headers')   # see ExporterWorker
 
@@ -2148,6 +2507,9 @@ def configuration_shown(config):
         ('K8S_EXPORTER_MAX_DECODED_BYTES', str(config.max_decoded_bytes)),
         ('K8S_EXPORTER_MAX_SERIES', str(config.max_series)),
         ('K8S_EXPORTER_MAX_CONCURRENT_DECODES', str(config.max_concurrent_decodes)),
+        ('K8S_EXPORTER_MAX_LABEL_NAME_BYTES', str(config.max_label_name_bytes)),
+        ('K8S_EXPORTER_MAX_LABEL_VALUE_BYTES', str(config.max_label_value_bytes)),
+        ('K8S_EXPORTER_MAX_LABELS_PER_SERIES', str(config.max_labels_per_series)),
         ('K8S_EXPORTER_LISTEN', config.listen),
         ('write authentication', 'on' if config.write_auth else 'off'),
         ('/metrics and pages authentication', 'on' if config.metrics_auth else 'off'),
@@ -2452,7 +2814,10 @@ class Exporter:
         self.store = Store(config)
         self.exposition = ExpositionCache()
         self.pod_index = PodIndex(None, [])
-        self.decoder = RemoteWriteDecoder(config.metrics, config.cluster)
+        self.decoder = RemoteWriteDecoder(
+            config.metrics, config.cluster, known_series=KnownSeries(config.ttl_seconds,
+                                                                     config.max_series),
+            limits=LabelLimits.of(config))
         # Bounds the memory of decoding: each decode holds up to
         # max_decoded_bytes of payload plus its parsed messages.
         self.decode_slots = threading.BoundedSemaphore(config.max_concurrent_decodes)
@@ -2649,7 +3014,8 @@ def _count_write(counters, decoded, refused, seconds):
     counters.samples_received += decoded.samples_in_request
     counters.ignored['unexported_metric'] += decoded.unexported
     counters.ignored['no_pod'] += decoded.no_pod
-    counters.ignored['invalid_series'] += decoded.invalid
+    counters.ignored['invalid_series'] += decoded.invalid - decoded.oversized
+    counters.ignored['label_limit'] += decoded.oversized
     counters.ignored['future_timestamp'] += decoded.future
     counters.stale_markers += sum(1 for sample in decoded.samples
                                   if is_stale_marker(sample.value))

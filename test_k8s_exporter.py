@@ -42,6 +42,7 @@ import math
 import operator
 import os
 import platform
+import random
 import re
 import selectors
 import shutil
@@ -1540,6 +1541,21 @@ tests:
             exp_annotations:
               summary: "k8s_exporter a answers writes 503: too many request bodies at once"
       - {{eval_time: 25m, alertname: K8sExporterErrors, exp_alerts: []}}
+  - interval: 1m
+    input_series:
+      # Series over a label limit from minute 10 on, series limit never.
+      - series: k8s_exporter_samples_ignored_total{{instance="a",reason="label_limit"}}
+        values: 0x10 0+5x10
+      - series: k8s_exporter_samples_ignored_total{{instance="b",reason="invalid_series"}}
+        values: 0+5x20
+    alert_rule_test:
+      - {{eval_time: 9m, alertname: K8sExporterOversizedSeriesRefused, exp_alerts: []}}
+      - eval_time: 15m
+        alertname: K8sExporterOversizedSeriesRefused
+        exp_alerts:
+          - exp_labels: {{instance: a}}
+            exp_annotations:
+              summary: "k8s_exporter a refuses series over a label limit; see the status page's refused writes"
 '''
 
 
@@ -1575,8 +1591,10 @@ def shuffled_requests(draw):
             labels[name] = draw(st.sampled_from(['', 'ns', 'p', '__name__', 'a' * 130,
                                                  *FAST_PATH_NAMES[:2]]))
         order = draw(st.permutations(list(labels)))
-        samples = draw(st.lists(st.tuples(st.sampled_from([1.0, math.nan, STALE_NAN]),
-                                          st.integers(0, 2 ** 40)), max_size=2))
+        samples = draw(st.lists(st.tuples(st.sampled_from([1.0, 0.0, math.nan, STALE_NAN]),
+                                          st.sampled_from([0, 1, 2 ** 35, 2 ** 40,
+                                                           2 ** 40 + 600_001])
+                                          | st.integers(0, 2 ** 42)), max_size=2))
         # 2.0 refs broken now and then: one too many, or one past the symbols.
         damage = draw(st.sampled_from([None] * 6 + ['odd', 'name_value', 'other_value']))
         series.append(([(name, labels[name]) for name in order], samples, damage))
@@ -1617,14 +1635,21 @@ def encode_in_order(series, protocol, filler):
 
 
 def decoded_outcome(payload, protocol, fast_paths):
+    """What decoding payload gives; with the fast paths, the same again from
+    the series the decoder now knows (KnownSeries), or the test fails."""
     decoder = k8s_exporter.RemoteWriteDecoder(EXPORTED_METRICS, 'c', fast_paths)
-    try:
-        decoded = decoder.decode(payload, protocol, 2 ** 40)
-    except RequestError as error:
-        return error.status, error.reason
-    fields = dataclasses.asdict(decoded)
-    fields['samples'] = [(*sample[:4], bits_of(sample.value)) for sample in decoded.samples]
-    return fields
+    outcomes = []
+    for _ in range(2 if fast_paths else 1):
+        try:
+            decoded = decoder.decode(payload, protocol, 2 ** 40)
+        except RequestError as error:
+            outcomes.append((error.status, error.reason))
+            continue
+        fields = dataclasses.asdict(decoded)
+        fields['samples'] = [(*sample[:4], bits_of(sample.value)) for sample in decoded.samples]
+        outcomes.append(fields)
+    assert all(outcome == outcomes[0] for outcome in outcomes)
+    return outcomes[0]
 
 
 @PROPERTY_SETTINGS
@@ -1633,6 +1658,23 @@ def test_fast_paths_decode_exactly_as_the_full_path_on_random_input(request, pro
     series, filler = request
     payload = encode_in_order(series, protocol, filler)
     assert decoded_outcome(payload, protocol, True) == decoded_outcome(payload, protocol, False)
+
+
+def test_known_label_bytes_in_another_role_are_read_again():
+    # The labels after a series' __name__ are a known key for the metrics
+    # without a part label, the whole labels for others: the same bytes in
+    # the other role, with a second __name__ or none, read as the full path.
+    inner = [('A', 'x'), ('__name__', FS_USAGE), ('namespace', 'ns'), ('pod', 'p')]
+    rest = [('namespace', 'ns'), ('pod', 'q')]
+    sample = [(1.0, 2 ** 40)]
+    series = [(inner, sample, None), ([('__name__', MEMORY), *inner], sample, None),
+              ([('__name__', MEMORY), *rest], sample, None), (rest, sample, None)]
+    payload = encode_in_order(series, PROTO_RW1, 0)
+    fast = decoded_outcome(payload, PROTO_RW1, True)
+    assert fast == decoded_outcome(payload, PROTO_RW1, False)
+    assert [(sample[0].pod, sample[1]) for sample in fast['samples']] == [
+        ('p', 2), ('p', 2), ('q', 4)]     # fs usage, fs usage (the last __name__), memory
+    assert (fast['bad_series'], fast['first_error']) == (1, 'series with no __name__ label')
 
 
 @pytest.mark.parametrize('capture', ALL_CAPTURES)
@@ -2631,6 +2673,43 @@ def test_nan_and_infinities_other_than_stale_markers_are_stored_and_printed():
     assert self_metric(page, 'k8s_exporter_stale_markers_total') == 0
 
 
+def test_pods_stay_in_label_order_as_thousands_come_and_go():
+    # More pods than two of PodOrder's blocks, in random order; then the
+    # first, the last and a random half expire.
+    store = k8s_exporter.Store(Config(ttl_seconds=10))
+    rng = random.Random(16)
+    names = [f'p{number:05d}' for number in range(5000)]
+    rng.shuffle(names)
+    series = SeriesKey(True, '', '', '', '')
+    keys = [PodKey('c', 'j', rng.choice(['a', 'b']), name) for name in names]
+    for start in range(0, len(keys), 700):
+        store.apply([k8s_exporter.Sample(key, 0, series, 1, 1.0)
+                     for key in keys[start:start + 700]], received=100.0)
+    assert store.pod_keys() == sorted(keys)
+    kept = set(rng.sample(keys, 2500)) - {min(keys), max(keys)}
+    store.apply([k8s_exporter.Sample(key, 0, series, 2, 2.0) for key in kept], received=105.0)
+    store.expire(now=111.0)
+    assert store.pod_keys() == sorted(kept)
+    assert len(store.snapshot().outputs) == len(kept)
+
+
+def test_known_series_are_forgotten_two_ttls_after_they_were_last_seen():
+    known = k8s_exporter.KnownSeries(ttl_seconds=10, max_entries=3)
+    known.age(0)
+    known.put(b'a', 'A')
+    known.put(b'b', 'B')
+    known.age(10_000)                  # a new generation: a and b are kept, as older
+    assert known.get(b'a') == 'A'      # seen again: moved to the newer one
+    known.age(20_000)
+    assert (known.get(b'a'), known.get(b'b')) == ('A', None)
+    known.put(b'c', 'C')
+    known.put(b'd', 'D')
+    known.put(b'e', 'E')               # the newer one holds 3 (a, c, d): it becomes the older
+    assert [known.get(b'a'), known.get(b'e')] == ['A', 'E']
+    known.age(30_000)
+    assert [known.get(b'c'), known.get(b'e')] == [None, 'E']
+
+
 def test_series_not_received_for_the_ttl_are_forgotten():
     app = fresh_app(ttl_seconds=10)
     first = time.monotonic()
@@ -3396,6 +3475,75 @@ def test_bytes_that_are_not_utf8_refuse_only_their_series(protocol):
     assert status == 204
 
 
+LABEL_LIMITS = {'max_label_name_bytes': 20, 'max_label_value_bytes': 70,
+                'max_labels_per_series': 12}
+
+
+def labels_at_limit(limit, over):
+    """cAdvisor labels of pod 'big' at one of LABEL_LIMITS, or one past it."""
+    labels = cadvisor(MEMORY, 'ns', 'big')
+    extra = int(over)
+    if limit == 'max_label_name_bytes':
+        labels['n' * (20 + extra)] = 'v'
+    elif limit == 'max_label_value_bytes':
+        labels['image'] = 'é' * 35 + 'x' * extra      # 70 bytes in UTF-8, 35 characters
+    else:
+        labels.update((f'l{n}', 'v') for n in range(12 + extra - len(labels)))
+    return labels
+
+
+@pytest.mark.parametrize('protocol', [1, 2], ids=['rw1', 'rw2'])
+@pytest.mark.parametrize('limit, reason', [
+    ('max_label_name_bytes', 'series of container_memory_usage_bytes with a label name of 21 '
+                             'bytes, over K8S_EXPORTER_MAX_LABEL_NAME_BYTES=20'),
+    ('max_label_value_bytes', 'series of container_memory_usage_bytes with a image label of 71 '
+                              'bytes, over K8S_EXPORTER_MAX_LABEL_VALUE_BYTES=70'),
+    ('max_labels_per_series', 'series of container_memory_usage_bytes with 13 labels, over '
+                              'K8S_EXPORTER_MAX_LABELS_PER_SERIES=12'),
+], ids=['name', 'value', 'count'])
+def test_a_series_over_a_label_limit_is_refused_alone_and_counted(protocol, limit, reason):
+    app = fresh_app(**LABEL_LIMITS)
+    table = [(labels_at_limit(limit, over=True), [(5, 1)]),
+             (labels_at_limit(limit, over=False) | {'pod': 'at-limit'}, [(6, 1)]),
+             (cadvisor(MEMORY, 'ns', 'good'), [(7, 1)]),
+             ({'__name__': 'node_load1', 'n' * 300: 'v' * 300}, [(8, 1)])]    # not exported
+    for _ in range(2):      # the second time, from the series the decoder knows
+        status, headers, body = post(app, table, protocol)
+        assert (status, one_line_reason(status, headers, body)) == (
+            400, f'1 invalid series skipped, first: {reason}; the rest was applied')
+        assert headers.get('X-Prometheus-Remote-Write-Samples-Written') == (
+            None if protocol == 1 else '3')
+    assert (memory_of(app, 'big'), memory_of(app, 'at-limit'), memory_of(app, 'good')) == (
+        None, 6, 7)
+    counters = read_exposition(scrape(app))
+    assert [counters[('k8s_exporter_samples_ignored_total', (('reason', reason),))]
+            for reason in ('label_limit', 'invalid_series')] == [2, 0]
+    assert counters[('k8s_exporter_write_requests_total', (('result', 'partial'),))] == 2
+
+
+def test_a_series_known_by_its_bytes_still_has_each_sample_checked():
+    """The series the decoder remembers skip label decoding, not the sample's checks."""
+    app = fresh_app()
+    now_ms = time.time_ns() // 10**6
+    labels = cadvisor(MEMORY, 'ns', 'known')
+    assert post(app, [(labels, [(1, now_ms - 2000)])])[0] == 204
+    status, headers, body = post(app, [(labels, [(2, now_ms + 3 * 86_400_000)])])
+    assert (status, one_line_reason(status, headers, body)) == (
+        400, "1 samples more than 10 minutes ahead of the exporter's clock refused; "
+             'the rest was applied')
+    # Older than the one held, then two samples in one series (not the known
+    # bytes and one sample: read in full), then 0.0, which proto3 leaves out.
+    assert post(app, [(labels, [(3, now_ms - 3000)])])[0] == 204
+    assert memory_of(app, 'known') == 1
+    assert post(app, [(labels, [(4, now_ms - 1000), (5, now_ms - 500)])])[0] == 204
+    assert memory_of(app, 'known') == 5
+    assert post(app, [(labels, [(0.0, now_ms)])])[0] == 204
+    assert memory_of(app, 'known') == 0
+    counters = read_exposition(scrape(app))
+    assert [counters[('k8s_exporter_samples_ignored_total', (('reason', reason),))]
+            for reason in ('future_timestamp', 'out_of_order')] == [1, 1]
+
+
 def test_a_label_with_fields_beyond_name_and_value_is_still_read():
     # A Label with an unknown field 3: protobuf keeps it out of the label
     # map the decoder reads, so the pod label would be lost.
@@ -3683,6 +3831,25 @@ def test_gunicorn_serves_the_seed_exposition_from_a_real_write(protocol):
                                              headers={'Accept-Encoding': 'gzip'})
         assert headers['content-encoding'] == 'gzip'
         assert pod_families(gzip.decompress(body).decode()) == SEED_EXPOSITION
+
+
+def test_gunicorn_refuses_a_series_over_a_label_limit_and_applies_the_rest():
+    env = {'K8S_EXPORTER_MAX_LABEL_VALUE_BYTES': '70', 'K8S_EXPORTER_CLUSTER': 'c'}
+    with Gunicorn(env=env) as exporter:
+        oversized = cadvisor(MEMORY, 'ns', 'big') | {'image': 'x' * (1 * 1024 * 1024)}
+        status, headers, body = write(exporter.url, [(oversized, [(5, 1)]),
+                                                     (cadvisor(MEMORY, 'ns', 'good'), [(7, 1)])])
+        assert (status, headers['content-type'], body) == (
+            400, 'text/plain; charset=utf-8',
+            b'1 invalid series skipped, first: series of container_memory_usage_bytes with a '
+            b'image label of 1048576 bytes, over K8S_EXPORTER_MAX_LABEL_VALUE_BYTES=70; '
+            b'the rest was applied\n')
+        _, text = scrape_url(exporter.url)
+        assert [line for line in pod_families(text).splitlines() if '{' in line] == [
+            'container_memory_usage_bytes{cluster="c",item="container_memory_usage_bytes",'
+            'job="kubernetes-cadvisor",namespace="ns",pod="good"} 7']
+        assert self_metric(text, 'k8s_exporter_samples_ignored_total', reason='label_limit') == 1
+        assert self_metric(text, 'k8s_exporter_input_series') == 1
 
 
 def test_gunicorn_answers_bad_requests_with_4xx_and_keeps_serving(server):
@@ -4648,7 +4815,8 @@ def test_config_defaults_are_the_documented_ones():
     assert config == Config(cluster='k8s-cluster', ttl_seconds=300.0,
                             max_body_bytes=10 * 1024 * 1024, max_decoded_bytes=64 * 1024 * 1024,
                             max_series=1_000_000, metrics=EXPORTED_METRICS,
-                            listen='0.0.0.0:9201')
+                            max_label_name_bytes=256, max_label_value_bytes=2048,
+                            max_labels_per_series=128, listen='0.0.0.0:9201')
 
 
 def test_config_reads_every_variable():
@@ -4656,9 +4824,13 @@ def test_config_reads_every_variable():
         'K8S_EXPORTER_CLUSTER': 'prod-eu', 'K8S_EXPORTER_TTL_SECONDS': '2.5',
         'K8S_EXPORTER_MAX_BODY_BYTES': '1000', 'K8S_EXPORTER_MAX_DECODED_BYTES': '2000',
         'K8S_EXPORTER_MAX_SERIES': '30', 'K8S_EXPORTER_LISTEN': '127.0.0.1:9300',
+        'K8S_EXPORTER_MAX_LABEL_NAME_BYTES': '100', 'K8S_EXPORTER_MAX_LABEL_VALUE_BYTES': '200',
+        'K8S_EXPORTER_MAX_LABELS_PER_SERIES': '20',
         'K8S_EXPORTER_METRICS': 'container_memory_rss, container_memory_usage_bytes,'})
     assert config == Config(cluster='prod-eu', ttl_seconds=2.5, max_body_bytes=1000,
                             max_decoded_bytes=2000, max_series=30, listen='127.0.0.1:9300',
+                            max_label_name_bytes=100, max_label_value_bytes=200,
+                            max_labels_per_series=20,
                             metrics=('container_memory_rss', 'container_memory_usage_bytes'))
 
 
@@ -4679,6 +4851,12 @@ def test_config_reads_every_variable():
                                                      "4294967295"),
     ('K8S_EXPORTER_MAX_SERIES', '-1', "K8S_EXPORTER_MAX_SERIES='-1': must be from 1 to "
                                       "1000000000"),
+    ('K8S_EXPORTER_MAX_LABEL_NAME_BYTES', '15', "K8S_EXPORTER_MAX_LABEL_NAME_BYTES='15': "
+                                                 "must be from 16 to 65536"),
+    ('K8S_EXPORTER_MAX_LABEL_VALUE_BYTES', '2k', "K8S_EXPORTER_MAX_LABEL_VALUE_BYTES='2k': "
+                                                  "not an integer"),
+    ('K8S_EXPORTER_MAX_LABELS_PER_SERIES', '7', "K8S_EXPORTER_MAX_LABELS_PER_SERIES='7': "
+                                                 "must be from 8 to 10000"),
     ('K8S_EXPORTER_MAX_CONCURRENT_DECODES', '0', "K8S_EXPORTER_MAX_CONCURRENT_DECODES='0': "
                                                  "must be from 1 to 64"),
     ('K8S_EXPORTER_CLUSTER', ' ', 'K8S_EXPORTER_CLUSTER is set but empty'),
@@ -4692,7 +4870,8 @@ def test_config_reads_every_variable():
      "K8S_EXPORTER_LISTEN='127.0.0.1:65536': expected HOST:PORT"),
 ], ids=['ttl-not-a-number', 'ttl-zero', 'ttl-tiny', 'ttl-nan', 'ttl-too-long',
         'max-body-not-an-integer', 'max-body-too-small', 'max-decoded-too-large',
-        'max-series-negative', 'max-decodes-zero', 'cluster-blank', 'metrics-bad-name',
+        'max-series-negative', 'max-label-name-too-small', 'max-label-value-not-an-integer',
+        'max-labels-too-few', 'max-decodes-zero', 'cluster-blank', 'metrics-bad-name',
         'metrics-none', 'listen-without-host', 'ttl-inf', 'listen-port-too-large'])
 def test_config_rejects_a_bad_value_naming_the_variable(name, value, message):
     with pytest.raises(ConfigError) as raised:
@@ -4948,7 +5127,7 @@ def test_status_page_counts_what_no_sender_row_can_hold_in_total():
     post(app, seed_table())
     text = page(app, '/')
     assert ('All senders: 27 samples received of every metric; not kept: future_timestamp 0, '
-            'invalid_series 0, no_pod 1, out_of_order 0, series_limit 0, '
+            'invalid_series 0, label_limit 0, no_pod 1, out_of_order 0, series_limit 0, '
             'unexported_metric 1;') in text
 
 
