@@ -36,7 +36,7 @@ def on_starting(server):
     say what is wrong in one line."""
     import k8s_exporter
     k8s_exporter.load_config_or_exit(warn=True)
-    k8s_exporter.check_serving_or_exit(server)
+    k8s_exporter.check_serving_or_exit(server.cfg)
 
 
 def nworkers_changed(server, new_value, old_value):

@@ -3358,9 +3358,11 @@ def start_command():
             f'{os.path.abspath(__file__)}')
 
 
-def check_serving_or_exit(server):
-    """gunicorn.conf.py's on_starting: refuse settings that would split or expose the store."""
-    problem = serving_problem(server.cfg)
+def check_serving_or_exit(cfg):
+    """gunicorn.conf.py's on_starting, and ExporterWorker.check_config in
+    gunicorn's master for another config file: refuse settings (gunicorn's
+    Config) that would split or expose the store, before any worker starts."""
+    problem = serving_problem(cfg)
     if problem:
         print(f'k8s_exporter: {problem}', file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
@@ -3417,13 +3419,15 @@ class ExporterWorker(ThreadWorker):
         # SIGHUP sent to the whole process group: it would end the worker.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
+    @classmethod
+    def check_config(cls, cfg, log):
+        super().check_config(cfg, log)
+        check_serving_or_exit(cfg)
+
     def load_wsgi(self):
         # The exporter's worker serves the exporter: the app is made here,
         # not looked up, because `k8s_exporter:app` refuses to load under
         # any other worker (see __getattr__).
-        problem = serving_problem(self.cfg)
-        if problem:
-            raise AppImportError(f'k8s_exporter: {problem}')
         self.wsgi = Exporter(load_config_or_exit())
         self.buffer_budget = self.cfg.threads * self.wsgi.config.max_body_bytes
 
