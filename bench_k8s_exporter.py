@@ -880,6 +880,7 @@ def profile_kept_path(pods, passes=3):
     batches = encode_batches(series, 1)
     config = k8s_exporter.Config()
     exporter = k8s_exporter.Exporter(config)
+    k8s_exporter.tune_gc()      # as gunicorn.conf.py's post_fork does in the worker
     store, decoder = exporter.store, exporter.decoder
     now_ms = int(time.time() * 1000)
     stages = {'snappy': 0.0, 'decode': 0.0, 'apply': 0.0}

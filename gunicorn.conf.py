@@ -46,9 +46,11 @@ def nworkers_changed(server, new_value, old_value):
 
 
 def post_fork(server, worker):
-    """Tune malloc in the worker's main thread, before its thread pool allocates."""
+    """Tune malloc in the worker's main thread, before its thread pool
+    allocates, and the cycle collector."""
     import k8s_exporter
     k8s_exporter.tune_malloc()
+    k8s_exporter.tune_gc()
 
 
 def when_ready(server):

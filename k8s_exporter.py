@@ -43,6 +43,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import gc
 import hmac
 import html
 import itertools
@@ -617,10 +618,6 @@ class RemoteWriteDecoder:
         self.fast_paths = fast_paths
         self._rw1_skip = rw1_skip_pattern(tuple(metrics)) if fast_paths else None
         self.known = (known_series or KnownSeries()) if fast_paths else None
-        # The names whose series share a KnownSeries key per cgroup (see _learn).
-        self._name_shared = {name.encode(): metric for name, metric in self.wanted.items()
-                             if not PART_LABELS.get(name) and len(name.encode()) < 0x80
-                             and len(name.encode()) <= self.limits.value_bytes}
 
     def decode(self, payload, protocol, now_ms):
         latest_ms = now_ms + MAX_AHEAD_MS
@@ -646,33 +643,18 @@ class RemoteWriteDecoder:
             series_bytes = itertools.filterfalse(self._rw1_skip, series_bytes)
         # A series seen before, with one sample: its identity by its labels'
         # bytes, its sample read in place (see KnownSeries).
-        lookup = self.known.get if self.known is not None else None
+        known = self.known
+        lookup = known.newer.get if known is not None else None
         append = decoded.samples.append
         kept = future = no_pod = 0
         stamps = {}
         for raw in series_bytes:
             sample = lookup and single_sample(raw)
             if sample:
-                labels_end, value, stamp = sample
-                # __name__ first, as Prometheus sorts labels: the labels after
-                # it are the key, which a cgroup's series of the metrics
-                # without a part label share (2.4 series a key in the bench).
-                metric = None
-                if raw[0] == 0x0A and raw.startswith(NAME_LABEL_HEAD, 2) and raw[1] < 0x80 \
-                        and raw[13] == raw[1] - 12:
-                    metric = self._name_shared.get(raw[14:2 + raw[1]])
-                # An entry holds a metric if and only if its key holds the
-                # __name__: a key found in the other role is learned anew.
-                if metric is None:
-                    labels_raw = raw[:labels_end]
-                    kept_series = lookup(labels_raw)
-                    if kept_series is None or kept_series[1] is None:
-                        kept_series = self._learn(labels_raw)
-                else:
-                    labels_raw = raw[2 + raw[1]:labels_end]
-                    kept_series = lookup(labels_raw)
-                    if kept_series is None or kept_series[1] is not None:
-                        kept_series = self._learn(labels_raw, raw[14:2 + raw[1]])
+                labels_raw = raw[:sample[0]]
+                key = hash(labels_raw) << 32 | _crc32(labels_raw)   # KnownSeries.key_of
+                kept_series = lookup(key) or known.get(key) or self._learn(labels_raw, key)
+                stamp = sample[2]
                 timestamp = stamps.get(stamp) or stamps.setdefault(stamp, varint6(stamp))
                 if kept_series and timestamp:
                     kept += 1
@@ -680,11 +662,8 @@ class RemoteWriteDecoder:
                         no_pod += 1
                     elif timestamp > latest_ms:
                         future += 1
-                    elif metric is None:
-                        append(_new_tuple(Sample, (*kept_series, timestamp, value)))
                     else:
-                        append(_new_tuple(Sample, (kept_series[0], metric, kept_series[2],
-                                                   timestamp, value)))
+                        append(_new_tuple(Sample, (*kept_series, timestamp, sample[1])))
                     continue
             try:
                 series = remote_pb2.TimeSeriesLabelMap.FromString(raw)
@@ -707,35 +686,20 @@ class RemoteWriteDecoder:
         decoded.future += future
         return decoded.counted(tally.timeseries)
 
-    def _learn(self, labels_raw, name=None):
-        """The KeptSeries of a RW 1.0 series' label bytes, remembered; None if
-        the full path must read it (not exported, refused, unusual bytes).
-
-        With name (of _name_shared), labels_raw are the labels after that
-        __name__, and the KeptSeries holds no metric: it is the same for
-        every name of _name_shared, none of which has a part label or can
-        be over a label limit.
-        """
-        if len(labels_raw) > KnownSeries.MAX_KEY_BYTES:
-            return None
+    def _learn(self, labels_raw, key):
+        """The KeptSeries of a RW 1.0 series' label bytes, remembered by
+        their key; None if the full path must read it (not exported,
+        refused, unusual bytes)."""
         try:
             series = remote_pb2.TimeSeriesLabelMap.FromString(labels_raw)
         except DecodeError:
             return None
         if series.samples or UnknownFieldSet(series):
             return None
-        labels = series.labels
-        if name is not None:
-            if '__name__' in labels:
-                return None
-            labels = {'__name__': name.decode(), **labels}
-        kept_series = self._identify(labels, size_hint=len(labels_raw) + 14 + len(name or b''))
+        kept_series = self._identify(series.labels, size_hint=len(labels_raw))
         if kept_series.__class__ is not KeptSeries:
             return None
-        if name is not None:
-            kept_series = kept_series._replace(metric=None)
-        self.known.put(labels_raw, kept_series)
-        return kept_series
+        return self.known.put(key, kept_series)
 
     def _decode_rw2(self, payload, latest_ms):
         check_utf8 = False
@@ -801,7 +765,8 @@ class RemoteWriteDecoder:
                                                                        varint6(sample[2]))
                 if (texts and not len(refs) % 2 and texts.count('\0') == len(refs) - 1
                         and timestamp):
-                    kept_series = lookup(texts) or self._learn_rw2(texts, raw, symbols)
+                    key = KnownSeries.key_of(texts)
+                    kept_series = lookup(key) or self._learn_rw2(key, raw, symbols)
                     if kept_series:
                         kept += 1
                         if kept_series[0] is None:
@@ -846,16 +811,15 @@ class RemoteWriteDecoder:
         decoded.future += future
         return decoded.counted(tally)
 
-    def _learn_rw2(self, texts, raw, symbols):
-        """The KeptSeries of a RW 2.0 series by its label texts, remembered;
-        None if the full path must read it."""
+    def _learn_rw2(self, key, raw, symbols):
+        """The KeptSeries of a RW 2.0 series, remembered by the key of its
+        label texts; None if the full path must read it."""
         pairs = iter(remote_pb2.TimeSeriesV2.FromString(raw).labels_refs)
         labels = {symbols[name]: symbols[value] for name, value in zip(pairs, pairs)}
-        kept_series = self._identify(labels, size_hint=len(texts))
-        if kept_series.__class__ is not KeptSeries or len(texts) > KnownSeries.MAX_KEY_BYTES:
+        kept_series = self._identify(labels)
+        if kept_series.__class__ is not KeptSeries:
             return None
-        self.known.put(texts, kept_series)
-        return kept_series
+        return self.known.put(key, kept_series)
 
     def _identify(self, labels, check_utf8=False, size_hint=None):
         """The KeptSeries of a fully decoded series, None if its metric is not
@@ -963,58 +927,87 @@ class KeptSeries(NamedTuple):
 
 
 class KnownSeries:
-    """The KeptSeries of RW 1.0 series seen lately, by the exact bytes of their labels.
+    """The KeptSeries of series seen lately, by a key of their labels' exact
+    bytes (RW 1.0) or texts (RW 2.0).
 
     prometheus1 sends every series again each scrape interval with the same
     labels, so a known series skips label decoding and pod identity: in
     process, on a loaded machine, decoding a kept RW 1.0 sample took 21.3 us
     in full and 5.0 us known; RW 2.0 17.0 and 11.2 (keep-rule bodies,
-    2026-12-02; the README's performance section). Only bytes the full
+    2026-12-02; the README's performance section). Only labels the full
     path has read, checked and found exported are remembered, and a sample
     is read in place only when the series is those bytes and one sample
     after them (single_sample), so a known series passes the same checks.
 
-    A KeptSeries is a function of the label bytes alone, so entries never
-    go wrong, only old: two generations, the older dropped every
-    ttl_seconds (or once the newer holds max_entries); a series found in
-    the older moves to the newer. Labels longer than MAX_KEY_BYTES are not
-    remembered (kubelet series have 250-600 bytes). The keys cost memory:
-    about 700 bytes each in the bench, one for the labels after __name__
-    that a cgroup's series share (2.4 series a key), which halved what the
-    whole labels as keys took. Like ExpositionCache it
-    is derived data: two decodes at once may each miss, never mislead.
+    The key (key_of) is 96 bits: Python's hash of the labels, a SipHash
+    keyed at random per process, and their CRC-32. Two label sets share
+    one with a chance of 2**-96, far below a memory error's. Keyed by the
+    bytes themselves (250-600 in kubelet series), an entry took about 700
+    bytes, more than the store holds per series.
+
+    A KeptSeries is a function of the labels alone, so entries never go
+    wrong, only old: two generations, the older dropped every ttl_seconds
+    (or once the newer holds max_entries); a series found in the older
+    moves to the newer. Like ExpositionCache it is derived data: two
+    decodes at once may each miss, never mislead.
     """
-    MAX_KEY_BYTES = 1024
+
+    @staticmethod
+    def key_of(labels):
+        """The key of labels' bytes (or of a str: its UTF-8 bytes)."""
+        data = labels if labels.__class__ is bytes else labels.encode('utf-8', 'surrogatepass')
+        return hash(labels) << 32 | _crc32(data)
 
     def __init__(self, ttl_seconds=Config.ttl_seconds, max_entries=Config.max_series):
         self.window_ms = ttl_seconds * 1000
         self.max_entries = max_entries
         self.newer, self.older = {}, {}
         self.since_ms = None
+        self._shared = {}    # PodKey or SeriesKey -> the equal one put this generation
 
-    def get(self, labels_raw):
-        """The KeptSeries of these label bytes, or None (then learn and put it)."""
-        kept_series = self.newer.get(labels_raw)
+    def get(self, key):
+        """The KeptSeries of this key, or None (then learn and put it)."""
+        kept_series = self.newer.get(key)
         if kept_series is None:
-            kept_series = self.older.pop(labels_raw, None)
+            kept_series = self.older.pop(key, None)
             if kept_series is not None:
-                self.newer[labels_raw] = kept_series
+                self.newer[key] = kept_series
         return kept_series
 
-    def put(self, labels_raw, kept_series):
+    def put(self, key, kept_series):
+        """Remember kept_series; return it, with the PodKey and SeriesKey of
+        the series put before it where they are equal.
+
+        A pod's 18 series of keep-rule traffic would each hold a PodKey of
+        their own, and a cgroup's 3 a SeriesKey: shared, so are the store's
+        (it keeps the first it is given), and the cache costs ... bytes per
+        series instead of ... (bench, 150,000 pods, 2026-12-02). A PodKey has
+        4 fields and a SeriesKey 6, so the two never meet in one dict.
+        """
         if len(self.newer) >= self.max_entries:
-            self.newer, self.older = {}, self.newer
-        self.newer[labels_raw] = kept_series
+            self._next_generation()
+        shared = self._shared.setdefault
+        pod, metric, series = kept_series
+        if pod is not None:
+            kept_series = _new_tuple(KeptSeries, (shared(pod, pod), metric,
+                                                  shared(series, series)))
+        self.newer[key] = kept_series
+        return kept_series
 
     def age(self, now_ms):
         """Start a new generation if the newer one is ttl_seconds old."""
         if self.since_ms is None or now_ms - self.since_ms >= self.window_ms:
             if self.since_ms is not None:
-                self.newer, self.older = {}, self.newer
+                self._next_generation()
             self.since_ms = now_ms
+
+    def _next_generation(self):
+        self.newer, self.older = {}, self.newer
+        self._shared = {}
 
 
 _unpack_double = struct.Struct('<d').unpack_from
+_crc32 = zlib.crc32
 
 
 def single_sample(raw, _unpack=_unpack_double):
@@ -1132,10 +1125,14 @@ def rw1_skip_pattern(wanted_names):
     wanted = b'|'.join(re.escape(bytes([len(name)]) + name)
                        for name in sorted(name.encode() for name in wanted_names)
                        if len(name) < 0x80)
-    # Not a lookbehind for the Label's tag: re then tries every position,
-    # at 1.1 us a series instead of 0.45.
-    return re.compile(rb'\x0a[\x0d-\x7f]\x0a\x08__name__\x12(?!' + (wanted or rb'\A')
-                      + rb')[\x01-\x7f]', re.DOTALL).search
+    # Anchored on the first Label, where Prometheus sorts __name__ unless a
+    # label name starts in upper case: a wanted name there ends the match at
+    # once. Searching every series for another __name__ took 0.67 us per
+    # kept series of keep-rule traffic, as long as all the rest of its
+    # decoding (bench bodies, 2026-12-02).
+    name = rb'\x0a[\x0d-\x7f]\x0a\x08__name__\x12'
+    return re.compile(rb'(?:' + name + rb'|(?!' + name + rb').*?' + name + rb')(?!'
+                      + (wanted or rb'\A') + rb')[\x01-\x7f]', re.DOTALL).match
 
 
 @functools.lru_cache(maxsize=16)
@@ -1336,6 +1333,7 @@ def sum_values(values):
 # The store ###################################################################
 ###############################################################################
 
+RENDER_DELAY_SECONDS = 1.0   # a write's pods wait at most this long to be rendered
 SWEEP_CHUNK_PODS = 500   # pods expired per lock hold: ~4 ms for 500 pods
 LIMIT_WARNING_INTERVAL_SECONDS = 60
 
@@ -1428,9 +1426,14 @@ class PodState:
     replaced whole under the store lock, so a scrape can take the references
     under the lock and join them after releasing it. Keeping the pieces, not
     whole lines, saves ~50 bytes per input series.
+
+    from_pod_cgroup has a bit per metric whose value, at its last render,
+    was the pod cgroup's under a rule that then ignores the containers
+    (RULE_POD_CGROUP, RULE_POD_LIMIT): a new value of a container's series
+    cannot change it, and skips the render (see Store.apply).
     """
     __slots__ = ('key', 'series', 'live', 'ended', 'shared_identity', 'carried', 'values',
-                 'output')
+                 'output', 'from_pod_cgroup')
 
     def __init__(self, key, metric_count):
         self.key = key
@@ -1441,6 +1444,7 @@ class PodState:
         self.carried = None
         self.values = (None,) * metric_count
         self.output = (*pod_label_text(key), *(b'',) * metric_count)
+        self.from_pod_cgroup = 0
 
     def add_key(self, series_key, metric_count):
         slots = self.series[series_key] = Slots.new(metric_count)
@@ -1519,6 +1523,8 @@ class Store:
         self._pod_set_version = 0    # bumps when a pod is added or removed
         self._last_arrival = -math.inf
         self._version = 0            # bumps on every change of the output lines
+        self._unrendered = {}        # PodState -> metrics a write touched since its render
+        self._unrendered_since = collections.deque()   # (when touched, PodState), in order
         self._limit_warned_at = -math.inf
         self._sweeper = None
         self.counters = SelfMetrics()
@@ -1588,23 +1594,31 @@ class Store:
                         pod.ended = None
                     self._count_series(pod, live=1, ended=-1)
                     _add_to(touched, pod, metric)
-                elif value != old_value or pod.shared_identity:
+                elif (value != old_value or pod.shared_identity) and not (
+                        pod.from_pod_cgroup >> metric & 1 and not series_key[0]):
                     # A changed value re-renders. Most cAdvisor values repeat
                     # (fs limits, a cpu load of 0), and an equal one cannot
                     # change the pod's (pod values are sums: -0 counts as 0;
                     # NaN is never equal), unless which series counts can
-                    # change with it.
+                    # change with it. Nor can a container's, where the pod
+                    # cgroup's series makes the value (PodState.from_pod_cgroup):
+                    # half the kept series of a kubelet; apply took 2.4 us
+                    # a kept sample instead of 2.8 (bench --profile 10000,
+                    # 2026-12-02).
                     _add_to(touched, pod, metric)
                 write_slot(slots, at, timestamp_ms, value, arrival)
             self._last_arrival = arrival
-            changed = False
             for pod, metrics in touched.items():
-                changed |= self._render_pod(pod, metrics)
+                waiting = self._unrendered.get(pod)
+                if waiting is None:
+                    self._unrendered[pod] = metrics
+                    self._unrendered_since.append((received, pod))
+                else:
+                    waiting |= metrics
             for pod in created:   # refused or stale-only samples can leave it empty
                 if not pod.series:
                     self._remove_pod(pod)
-            if changed:
-                self._version += 1
+            self._render_unrendered(received - RENDER_DELAY_SECONDS)
             self.counters.ignored['out_of_order'] += ignored
             self.counters.ignored['series_limit'] += refused
             warn = refused and received >= self._limit_warned_at + LIMIT_WARNING_INTERVAL_SECONDS
@@ -1658,6 +1672,39 @@ class Store:
         if not Slots.forget(slots, metric):
             pod.remove_key(series_key)
 
+    def _render_unrendered(self, before=math.inf):
+        """Render the pods a write touched before `before` (lock held).
+
+        A pod's series come in several requests, one per shard of
+        prometheus1's queue, within a second or so: rendered once for all
+        of them, not 3.6 times a pass, a kept sample's apply took 1.9 us
+        instead of 2.5 (in process, keep-rule bodies, 10,000 pods,
+        2026-12-02). Every read of the output (snapshot, the
+        pages) renders what waits first, so no read sees a value late;
+        RENDER_DELAY_SECONDS bounds what a scrape renders.
+        """
+        changed = False
+        since, unrendered = self._unrendered_since, self._unrendered
+        while since and since[0][0] < before:
+            pod = since.popleft()[1]
+            metrics = unrendered.pop(pod, None)
+            if metrics is not None and self._pods.get(pod.key) is pod:
+                changed |= self._render_pod(pod, metrics)
+        if before == math.inf:
+            for pod, metrics in unrendered.items():
+                if self._pods.get(pod.key) is pod:
+                    changed |= self._render_pod(pod, metrics)
+            unrendered.clear()
+            since.clear()
+        if changed:
+            self._version += 1
+
+    def _render_pod_now(self, pod):
+        """Render one pod if a write is waiting to be (lock held), for a page."""
+        metrics = self._unrendered.pop(pod, None)
+        if metrics is not None and self._render_pod(pod, metrics):
+            self._version += 1
+
     def _render_pod(self, pod, metrics):
         """Recompute a pod's values for metrics and re-render the lines whose
         value changed (lock held); return whether the output changed.
@@ -1672,10 +1719,17 @@ class Store:
         output = list(pod.output)
         changed = False
         carried = pod.carried
+        from_pod_cgroup = pod.from_pod_cgroup
         for metric in metrics:
             series = pod.counted_series(metric, self.cumulative[metric])
-            value = pod_value(self.rules[metric], series,
-                              carried[metric] if carried else 0.0) if series else None
+            rule = self.rules[metric]
+            value = pod_value(rule, series, carried[metric] if carried else 0.0) \
+                if series else None
+            if (rule == RULE_POD_CGROUP or rule == RULE_POD_LIMIT) and any(
+                    key[0] for key, _ in series):
+                from_pod_cgroup |= 1 << metric
+            else:
+                from_pod_cgroup &= ~(1 << metric)
             old = values[metric]
             if value is None if old is None else (
                     value is not None and _pack_double(value) == _pack_double(old)):
@@ -1684,6 +1738,7 @@ class Store:
             output[OUTPUT_VALUES + metric] = (
                 b'' if value is None else f'{format_go_float(value)}\n'.encode())
             changed = True
+        pod.from_pod_cgroup = from_pod_cgroup
         if changed:
             pod.values = tuple(values)
             pod.output = tuple(output)
@@ -1771,6 +1826,7 @@ class Store:
         already has them, and nothing is copied.
         """
         with self._lock:
+            self._render_unrendered()
             unchanged = self._version == known_version
             return StoreSnapshot(
                 version=self._version,
@@ -1824,6 +1880,9 @@ class Store:
         still held: the value and a newline, b'' for none."""
         with self._lock:
             pods = self._pods
+            for key in pod_keys:
+                if key in pods:
+                    self._render_pod_now(pods[key])
             outputs = [(key, pods[key].output) for key in pod_keys if key in pods]
         return {key: output[OUTPUT_VALUES:] for key, output in outputs}
 
@@ -1831,6 +1890,10 @@ class Store:
         """One pod's PodView, taken in one lock hold so that its series
         explain its values; None for an unknown pod."""
         with self._lock:
+            pod = self._pods.get(pod_key)
+            if pod is None:
+                return None
+            self._render_pod_now(pod)
             pod = self._pods.get(pod_key)
             if pod is None:
                 return None
@@ -3183,6 +3246,20 @@ def tune_malloc():
         (_M_ARENA_MAX, MALLOC_ARENAS),
         (_M_MMAP_THRESHOLD, MALLOC_KEEP_FREE_BYTES),
         (_M_TRIM_THRESHOLD, MALLOC_KEEP_FREE_BYTES)))
+
+
+# CPython looks for reference cycles after every 700 new container objects.
+# A write makes thousands (a Sample per kept series) that live until the
+# request ends, so each was scanned and promoted before it died: 1.1 us of a
+# kept sample's 5.2 (in process, keep-rule bodies, 10,000 pods, 2026-12-02).
+# Nothing on the write path makes cycles; a young generation of 50,000 lets
+# a request's objects die unscanned, for 0.07 us over no collection at all.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc():
+    """Set the cycle collector up for the worker: a larger young generation."""
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 ###############################################################################

@@ -293,9 +293,29 @@ MUTANTS = [
      'if self._live_series + self._ended_series >= max_series:',
      'if self._live_series >= max_series:'),
     (STORE, 'a changed value reaches the output',
-     'elif value != old_value or pod.shared_identity:', 'elif pod.shared_identity:'),
+     'elif (value != old_value or pod.shared_identity) and not (',
+     'elif (pod.shared_identity) and not ('),
     (STORE + LIFE, 'with two series of one identity an equal value can change the pod',
-     'elif value != old_value or pod.shared_identity:', 'elif value != old_value:'),
+     'elif (value != old_value or pod.shared_identity) and not (',
+     'elif (value != old_value) and not ('),
+    (STORE + JUDGED, 'only a container sample skips the render where the pod cgroup makes the value',
+     'pod.from_pod_cgroup >> metric & 1 and not series_key[0]):',
+     'pod.from_pod_cgroup >> metric & 1):'),
+    (STORE + JUDGED + LIFE, 'the pod cgroup makes the value only while one of its series counts',
+     "if (rule == RULE_POD_CGROUP or rule == RULE_POD_LIMIT) and any(\n"
+     "                    key[0] for key, _ in series):",
+     "if (rule == RULE_POD_CGROUP or rule == RULE_POD_LIMIT):"),
+    (STORE + EXPOSITION, 'a scrape renders what writes left waiting',
+     'self._render_unrendered()\n            unchanged', 'unchanged'),
+    (STORE + PAGES, 'a pod page renders the pod a write left waiting',
+     'self._render_pod_now(pod)\n            pod = self._pods.get(pod_key)',
+     'pod = self._pods.get(pod_key)'),
+    (STORE + PAGES, 'the pods page renders the pods a write left waiting',
+     'self._render_pod_now(pods[key])', 'pass'),
+    (STORE, 'pods wait to be rendered at most RENDER_DELAY_SECONDS',
+     'self._render_unrendered(received - RENDER_DELAY_SECONDS)', 'pass'),
+    (STORE, 'the known series of one pod share its keys',
+     'shared(pod, pod), metric,', 'pod, metric,'),
     (STORE + PAGES, 'a pod left empty by refused or stale samples is removed',
      'for pod in created:   # refused or stale-only samples can leave it empty\n'
      '                if not pod.series:',
@@ -385,7 +405,7 @@ MUTANTS = [
      'carried[metric] if carried else 0.0) if series else None',
      '0.0) if series else None'),
     (STORE + EXPOSITION, 'a write that changes the output bumps the version',
-     'if changed:\n                self._version += 1', 'if False:\n                pass'),
+     'if changed:\n            self._version += 1', 'if False:\n            pass'),
     (STORE, 'expiry that changes the output bumps the version',
      'if changed:\n                    self._version += 1', 'if False:\n                    pass'),
     (STORE, 'stale forgets after the TTL', 'cutoff = now - self.config.ttl_seconds',
@@ -580,6 +600,9 @@ MUTANTS = [
 # Mutants that change nothing a user can see, with the reason: their
 # survival does not count against the score.
 EQUIVALENT = {
+    'pods wait to be rendered at most RENDER_DELAY_SECONDS':
+        'every read of the output renders what waits first, so no read sees a value late; '
+        'the delay bounds the work a scrape does, which make bench measures',
     'a value is redone when its bits change, not only its ==':
         'pod values are never -0.0 (sums and the one-series path give 0.0), and a NaN '
         'redone prints the same NaN: comparing bits only saves work',

@@ -2693,21 +2693,45 @@ def test_pods_stay_in_label_order_as_thousands_come_and_go():
     assert len(store.snapshot().outputs) == len(kept)
 
 
+def known_pod_series(pod, container='app', metric=0):
+    """A KeptSeries of pod (a name) built anew, as each learned series' is."""
+    pod_key = k8s_exporter.PodKey(*(text + '' for text in ('c', 'job', 'ns', pod)))
+    return k8s_exporter.KeptSeries(pod_key, metric, k8s_exporter.SeriesKey(
+        False, container, f'/kubepods/pod1/{container}', 'image', ''))
+
+
 def test_known_series_are_forgotten_two_ttls_after_they_were_last_seen():
     known = k8s_exporter.KnownSeries(ttl_seconds=10, max_entries=3)
+    series = {name: known_pod_series(name) for name in 'abcde'}
     known.age(0)
-    known.put(b'a', 'A')
-    known.put(b'b', 'B')
+    known.put(b'a', series['a'])
+    known.put(b'b', series['b'])
     known.age(10_000)                  # a new generation: a and b are kept, as older
-    assert known.get(b'a') == 'A'      # seen again: moved to the newer one
+    assert known.get(b'a') == series['a']      # seen again: moved to the newer one
     known.age(20_000)
-    assert (known.get(b'a'), known.get(b'b')) == ('A', None)
-    known.put(b'c', 'C')
-    known.put(b'd', 'D')
-    known.put(b'e', 'E')               # the newer one holds 3 (a, c, d): it becomes the older
-    assert [known.get(b'a'), known.get(b'e')] == ['A', 'E']
+    assert (known.get(b'a'), known.get(b'b')) == (series['a'], None)
+    known.put(b'c', series['c'])
+    known.put(b'd', series['d'])
+    known.put(b'e', series['e'])       # the newer one holds 3 (a, c, d): it becomes the older
+    assert [known.get(b'a'), known.get(b'e')] == [series['a'], series['e']]
     known.age(30_000)
-    assert [known.get(b'c'), known.get(b'e')] == [None, 'E']
+    assert [known.get(b'c'), known.get(b'e')] == [None, series['e']]
+
+
+def test_known_series_of_one_pod_share_its_keys():
+    known = k8s_exporter.KnownSeries()
+    known.age(0)
+    first = known.put(1, known_pod_series('p', 'app', metric=0))
+    same_cgroup = known.put(2, known_pod_series('p', 'app', metric=1))
+    sidecar = known.put(3, known_pod_series('p', 'sidecar'))
+    other_pod = known.put(4, known_pod_series('q'))
+    assert same_cgroup == known_pod_series('p', 'app', metric=1)   # equal, as put
+    assert same_cgroup.pod is first.pod and sidecar.pod is first.pod
+    assert same_cgroup.series is first.series and sidecar.series is not first.series
+    assert other_pod.pod is not first.pod and other_pod.pod == known_pod_series('q').pod
+    assert known.put(5, k8s_exporter.KeptSeries(None, 0, None)).pod is None
+    known.age(k8s_exporter.Config.ttl_seconds * 1000)   # a new generation shares anew
+    assert known.put(6, known_pod_series('p')).pod is not first.pod
 
 
 def test_series_not_received_for_the_ttl_are_forgotten():
