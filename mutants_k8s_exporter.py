@@ -298,7 +298,7 @@ MUTANTS = [
     (STORE + LIFE, 'with two series of one identity an equal value can change the pod',
      'elif (value != old_value or pod.shared_identity) and not (',
      'elif (value != old_value) and not ('),
-    (STORE + JUDGED, 'only a container sample skips the render where the pod cgroup makes the value',
+    (STORE + JUDGED, 'a container sample skips the render only where the pod cgroup counts',
      'pod.from_pod_cgroup >> metric & 1 and not series_key[0]):',
      'pod.from_pod_cgroup >> metric & 1):'),
     (STORE + JUDGED + LIFE, 'the pod cgroup makes the value only while one of its series counts',
