@@ -2944,6 +2944,7 @@ def test_a_repeated_value_of_a_replaced_series_that_becomes_newest_re_renders():
     app = fresh_app()
     post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 1000)]),
                (cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_NEW), [(1200, 2000)])])
+    assert memory_of(app) == 1200          # rendered: nothing of the pod waits
     post(app, [(cadvisor(MEMORY, 'ns', 'p', cgroup=POD_UID_OLD), [(7000, 3000)])])
     assert memory_of(app) == 7000
 
