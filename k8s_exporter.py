@@ -485,10 +485,6 @@ _new_tuple = tuple.__new__
 _intern = sys.intern
 
 
-def is_stale_marker(value):
-    return value != value and _pack_double(value) == STALE_NAN_BYTES
-
-
 class RequestError(Exception):
     """A request the exporter refuses: its HTTP status and a one-line reason."""
 
@@ -1552,7 +1548,7 @@ class Store:
         """
         touched = {}                 # PodState -> metrics whose counted series changed
         created = []
-        refused = ignored = 0
+        refused = ignored = stale_markers = 0
         metric_count = len(self.metric_names)
         max_series = self.config.max_series
         # Slots.get and Slots.put, without a Python call per sample:
@@ -1578,9 +1574,11 @@ class Store:
                 # Per series, the newest sample wins.
                 if held and timestamp_ms <= old_timestamp:
                     ignored += 1
+                    stale_markers += value != value and _pack_double(value) == STALE_NAN_BYTES
                     continue
                 arrival = next_float(arrival, later)
                 if value != value and _pack_double(value) == STALE_NAN_BYTES:
+                    stale_markers += 1
                     # A stale marker ends the series; it is held, ended, so
                     # that a replay of older samples cannot bring it back.
                     if held and not ended:
@@ -1629,6 +1627,9 @@ class Store:
                     self._remove_pod(pod)
             self._render_unrendered(received - RENDER_DELAY_SECONDS)
             self.counters.ignored['out_of_order'] += ignored
+            # Counted here, where each sample's value is read anyway: a loop
+            # over the samples for them cost 0.06 us a kept sample.
+            self.counters.stale_markers += stale_markers
             self.counters.ignored['series_limit'] += refused
             warn = refused and received >= self._limit_warned_at + LIMIT_WARNING_INTERVAL_SECONDS
             if warn:
@@ -3099,8 +3100,6 @@ def _count_write(counters, decoded, refused, seconds):
     counters.ignored['invalid_series'] += decoded.invalid - decoded.oversized
     counters.ignored['label_limit'] += decoded.oversized
     counters.ignored['future_timestamp'] += decoded.future
-    counters.stale_markers += sum(1 for sample in decoded.samples
-                                  if is_stale_marker(sample.value))
     now = time.time()
     if not (decoded.bad_series or decoded.future or refused):
         counters.write_results['applied'] += 1

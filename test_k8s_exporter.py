@@ -2632,6 +2632,8 @@ def test_stale_marker_removes_the_series_and_an_empty_pod_disappears(protocol):
     assert [self_metric(page, name) for name in (
         'k8s_exporter_pods', 'k8s_exporter_input_series', 'k8s_exporter_stale_markers_total')] == [
         0, 0, 2]
+    post(app, [(pod_cgroup, [(STALE_NAN, 2)])], protocol)    # replayed: ignored, still counted
+    assert self_metric(scrape(app), 'k8s_exporter_stale_markers_total') == 3
 
 
 def test_a_new_pod_whose_only_sample_is_a_stale_marker_or_refused_is_not_held():
@@ -2671,6 +2673,8 @@ def test_nan_and_infinities_other_than_stale_markers_are_stored_and_printed():
     assert [line.rpartition(' ')[2] for line in pod_families(page).split('\n')[2:-1]] == [
         '+Inf', 'NaN', '-Inf']    # pods inf, nan, ninf in label order
     assert self_metric(page, 'k8s_exporter_stale_markers_total') == 0
+    post(app, [(cadvisor(MEMORY, 'ns', 'nan'), [(math.nan, 1)])])   # replayed: ignored
+    assert self_metric(scrape(app), 'k8s_exporter_stale_markers_total') == 0
 
 
 def test_pods_stay_in_label_order_as_thousands_come_and_go():
