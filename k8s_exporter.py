@@ -587,9 +587,9 @@ class DecodedWrite:
         if not self.first_error:
             self.first_error = reason
 
-    def counted(self, tally):
-        """Complete the counts from the request's totals; return self."""
-        self.samples_in_request = len(tally.samples)
+    def counted(self, samples_in_request):
+        """Complete the counts from the request's number of samples; return self."""
+        self.samples_in_request = samples_in_request
         self.samples_total = self.samples_in_request - self.invalid - self.future
         self.unexported = self.samples_total - self.kept
         return self
@@ -631,9 +631,9 @@ class RemoteWriteDecoder:
 
     def _decode_rw1(self, payload, latest_ms):
         request = remote_pb2.WriteRequestSeriesBytes.FromString(payload)
-        tally = remote_pb2.WriteRequestSampleTally.FromString(payload)
         decoded = DecodedWrite(samples=[])
         series_bytes = request.timeseries
+        read_in_full = samples_read_in_full = 0
         if self._rw1_skip is not None:
             # filterfalse over a C-level match: a dropped series costs no bytecode.
             series_bytes = itertools.filterfalse(self._rw1_skip, series_bytes)
@@ -668,7 +668,11 @@ class RemoteWriteDecoder:
                 series = remote_pb2.TimeSeriesLabelBytes.FromString(raw)
                 labels = {_text(label.name): _text(label.value) for label in series.labels}
                 self._take_series(decoded, labels, series.samples, latest_ms, check_utf8=True)
+                read_in_full += 1
+                samples_read_in_full += len(series.samples)
                 continue
+            read_in_full += 1
+            samples_read_in_full += len(series.samples)
             labels = series.labels
             if UnknownFieldSet(series):
                 # protobuf sets a map entry with fields beyond name and value
@@ -680,7 +684,14 @@ class RemoteWriteDecoder:
         decoded.kept += kept - future
         decoded.no_pod += no_pod
         decoded.future += future
-        return decoded.counted(tally.timeseries)
+        if kept + read_in_full == len(request.timeseries):
+            # No series was dropped unread: the request's samples are all
+            # counted. Parsing the body again to count them made decoding a
+            # kept sample 2.35 us instead of 2.18 (in process, keep-rule
+            # bodies, 2026-12-02).
+            return decoded.counted(kept + samples_read_in_full)
+        tally = remote_pb2.WriteRequestSampleTally.FromString(payload).timeseries
+        return decoded.counted(len(tally.samples))
 
     def _learn(self, labels_raw, key):
         """The KeptSeries of a RW 1.0 series' label bytes, remembered by
@@ -805,7 +816,7 @@ class RemoteWriteDecoder:
         decoded.kept += kept - future
         decoded.no_pod += no_pod
         decoded.future += future
-        return decoded.counted(tally)
+        return decoded.counted(len(tally.samples))
 
     def _learn_rw2(self, key, raw, symbols):
         """The KeptSeries of a RW 2.0 series, remembered by the key of its
@@ -1735,8 +1746,8 @@ class Store:
             rule = self.rules[metric]
             value = pod_value(rule, series, carried[metric] if carried else 0.0) \
                 if series else None
-            if (rule == RULE_POD_CGROUP or rule == RULE_POD_LIMIT) and any(
-                    key[0] for key, _ in series):
+            if (rule == RULE_POD_CGROUP or rule == RULE_POD_LIMIT) and True in map(
+                    _is_pod_cgroup, map(_key_of_value, series)):
                 from_pod_cgroup |= 1 << metric
             else:
                 from_pod_cgroup &= ~(1 << metric)
@@ -1999,6 +2010,10 @@ class PodOrder:
 
     def pods(self):
         return list(self)
+
+
+_key_of_value = operator.itemgetter(0)            # of (SeriesKey, value)
+_is_pod_cgroup = operator.itemgetter(0)           # SeriesKey.pod_cgroup, C-level
 
 
 def _add_to(sets, key, item):

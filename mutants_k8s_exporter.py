@@ -302,8 +302,8 @@ MUTANTS = [
      'pod.from_pod_cgroup >> metric & 1 and not series_key[0]):',
      'pod.from_pod_cgroup >> metric & 1):'),
     (STORE + JUDGED + LIFE, 'the pod cgroup makes the value only while one of its series counts',
-     "if (rule == RULE_POD_CGROUP or rule == RULE_POD_LIMIT) and any(\n"
-     "                    key[0] for key, _ in series):",
+     "if (rule == RULE_POD_CGROUP or rule == RULE_POD_LIMIT) and True in map(\n"
+     "                    _is_pod_cgroup, map(_key_of_value, series)):",
      "if (rule == RULE_POD_CGROUP or rule == RULE_POD_LIMIT):"),
     (STORE + EXPOSITION, 'a scrape renders what writes left waiting',
      'self._render_unrendered()\n            unchanged', 'unchanged'),
@@ -314,6 +314,10 @@ MUTANTS = [
      'self._render_pod_now(pods[key])', 'pass'),
     (STORE, 'pods wait to be rendered at most RENDER_DELAY_SECONDS',
      'self._render_unrendered(received - RENDER_DELAY_SECONDS)', 'pass'),
+    (PROTOCOL + HTTP, 'a request with series dropped unread has its samples counted in full',
+     'if kept + read_in_full == len(request.timeseries):', 'if True:'),
+    (PROTOCOL + HTTP, 'samples read in full are counted',
+     'return decoded.counted(kept + samples_read_in_full)', 'return decoded.counted(kept)'),
     (STORE + LIFE, 'a pod is read again once its earliest arrival may have expired',
      'pod.arrivals_since = earliest', 'pod.arrivals_since = math.inf'),
     (STORE + LIFE, "the earliest arrival is of all the pod's series",
