@@ -726,7 +726,7 @@ class RemoteWriteDecoder:
         lookup = text_of_ref = None
         if self.known is not None and not check_utf8:
             lookup = self.known.get
-            text_of_ref = dict(zip(varints(symbol_count), symbols)).__getitem__
+            text_of_ref = symbols.__getitem__
         append = decoded.samples.append
         kept = future = no_pod = 0
         stamps = {}
@@ -763,10 +763,12 @@ class RemoteWriteDecoder:
             # one NUL fewer than texts the join is a key only they make.
             sample = text_of_ref and single_sample(raw)
             if sample and raw[0] == 0x0A and sample[0] == 2 + raw[1]:
-                refs = VARINT_RE.findall(raw, 2, sample[0])
+                # protobuf's parse of the refs took 0.9 us of a series, a
+                # regular expression's 2.2 (keep-rule bodies, 2026-12-02).
+                refs = remote_pb2.TimeSeriesV2.FromString(raw).labels_refs
                 try:
                     texts = '\0'.join(map(text_of_ref, refs))
-                except KeyError:       # a ref past the symbols, or in more bytes than needed
+                except IndexError:     # a ref past the symbols
                     texts = ''
                 timestamp = stamps.get(sample[2]) or stamps.setdefault(sample[2],
                                                                        varint6(sample[2]))
@@ -1168,22 +1170,6 @@ def _varint_at(raw, at, end, otherwise):
         shift += 7
         at += 1
     return otherwise
-
-
-# A __name__ Label's start: its name field, then its value's tag.
-NAME_LABEL_HEAD = b'\x0a\x08__name__\x12'
-VARINT_RE = re.compile(rb'[\x80-\xff]*[\x00-\x7f]')
-
-
-@functools.lru_cache(maxsize=4)
-def _varints_below(power):
-    return tuple(map(_varint, range(1 << power)))
-
-
-def varints(count):
-    """The varint encodings of 0 .. count-1: symbol refs as their bytes."""
-    power = max(8, (count - 1).bit_length())
-    return _varints_below(power)[:count] if power <= 20 else map(_varint, range(count))
 
 
 def _varint(number):
