@@ -1422,10 +1422,12 @@ class PodState:
 
     values holds the pod's value per metric (None for none); output holds
     what its lines are made of: (escaped cluster, the labels after item,
-    then per metric the value's text and newline, or b''). Both are tuples,
+    then per metric the line's tail: those labels, the value's text and a
+    newline, or b'' for no line; see render_pod_families). Both are tuples,
     replaced whole under the store lock, so a scrape can take the references
-    under the lock and join them after releasing it. Keeping the pieces, not
-    whole lines, saves ~50 bytes per input series.
+    under the lock and join them after releasing it. The tails leave out
+    what a family's lines share (the name, the cluster): whole lines would
+    take ~25 bytes more per input series.
 
     from_pod_cgroup has a bit per metric whose value, at its last render,
     was the pod cgroup's under a rule that then ignores the containers
@@ -1744,7 +1746,7 @@ class Store:
                 continue
             values[metric] = value
             output[OUTPUT_VALUES + metric] = (
-                b'' if value is None else f'{format_go_float(value)}\n'.encode())
+                b'' if value is None else output[1] + f'{format_go_float(value)}\n'.encode())
             changed = True
         pod.from_pod_cgroup = from_pod_cgroup
         if changed:
@@ -1902,7 +1904,8 @@ class Store:
                 if key in pods:
                     self._render_pod_now(pods[key])
             outputs = [(key, pods[key].output) for key in pod_keys if key in pods]
-        return {key: output[OUTPUT_VALUES:] for key, output in outputs}
+        return {key: tuple(tail[len(output[1]):] for tail in output[OUTPUT_VALUES:])
+                for key, output in outputs}
 
     def pod_view(self, pod_key):
         """One pod's PodView, taken in one lock hold so that its series
@@ -2202,26 +2205,33 @@ OUTPUT_VALUES = 2    # PodState.output: cluster, labels after item, then the val
 def render_pod_families(metric_names, snapshot):
     """The exported container families, in name order, series in label order.
 
-    A line is name{cluster="C",item="name",job=...,pod="P"} V: the pieces
-    that depend on the metric are made once per family, those of the pod
-    come from its output tuple.
+    A line is name{cluster="C",item="name",job=...,pod="P"} V: the part up
+    to item's end is the same for every pod of a cluster, and the pods of
+    a cluster are together (PodKeys sort by cluster first); the rest is the
+    pod's line tail (PodState.output). So a cluster's lines of a family are
+    one bytes.join over its tails, with no bytecode per line. At 60,000
+    pods, after passes that changed every value, the families took 130-280
+    ms, and 310-390 ms joined from five pieces a line, for 26 bytes more per
+    input series (in process, keep-rule traffic, 2026-12-02).
     """
+    outputs = snapshot.outputs
     parts = []
     for metric, name in enumerate(metric_names):
-        head = f'{name}{{cluster="'.encode()
-        item = f'",item="{name}"'.encode()
-        at = OUTPUT_VALUES + metric
-        pieces = []
-        add = pieces.extend
-        for output in snapshot.outputs:
-            if output[at]:
-                add((head, output[0], item, output[1], output[at]))
-        if pieces:     # as Go's client: a family without series is not shown
-            spec = metric_spec(name)
-            parts.append(f'# HELP {name} {escape_help(spec.help)}\n'
-                         f'# TYPE {name} {spec.type}\n'.encode())
-            parts.append(b''.join(pieces))
+        tail_of = operator.itemgetter(OUTPUT_VALUES + metric)
+        held = list(itertools.compress(outputs, map(tail_of, outputs)))
+        if not held:      # as Go's client: a family without series is not shown
+            continue
+        spec = metric_spec(name)
+        parts.append(f'# HELP {name} {escape_help(spec.help)}\n'
+                     f'# TYPE {name} {spec.type}\n'.encode())
+        for cluster, pods in itertools.groupby(held, _cluster_of_output):
+            head = f'{name}{{cluster="'.encode() + cluster + f'",item="{name}"'.encode()
+            parts.append(head)
+            parts.append(head.join(map(tail_of, pods)))
     return b''.join(parts)
+
+
+_cluster_of_output = operator.itemgetter(0)
 
 
 def pod_label_text(pod):
@@ -2733,7 +2743,7 @@ def render_pods_page(metric_names, held, matching, shown, values, namespace, pod
 
 def value_cells(texts):
     """The cells of a pod's values, from the texts /metrics shows them with
-    (PodState.output: b'' for none, else the value and a newline).
+    (Store.pod_value_texts: b'' for none, else the value and a newline).
 
     A Go float's text is digits, '.', 'e', '+', '-', NaN or Inf, which HTML
     leaves as they are: 500 rows in ~1 ms, where formatting and escaping
