@@ -35,7 +35,7 @@ run: $(VENV)/.runtime ## serve on $(LISTEN) as in production
 test: $(VENV)/.dev $(VENV)/.npm prometheus podman base-image chromium ## run every test, end to end with a real Prometheus
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) test_k8s_exporter.py
 
-bench: $(VENV)/.dev prometheus ## compare ingest, scrape and memory with Prometheus itself, up to 150,000 pods (40+ min)
+bench: $(VENV)/.dev prometheus ## compare ingest, scrape and memory with Prometheus itself, up to 150,000 pods (~13 min)
 	$(BIN)/python bench_k8s_exporter.py
 
 bench-quick: $(VENV)/.dev prometheus ## the bench at small sizes, a smoke run (~10 min)

@@ -3561,11 +3561,17 @@ class ExporterWorker(ThreadWorker):
                              functools.partial(self.on_request_bytes, conn))
 
     def on_client_socket_readable(self, conn, client):
-        """A kept-alive connection's next request has begun."""
+        self.read_next_request(conn)
+
+    def read_next_request(self, conn, data=b''):
+        """A kept-alive connection's next request has begun: on its socket,
+        or in data, the bytes that came after the last one (pipelined)."""
         self.keepalived_conns.remove(conn)
-        self.incoming[conn] = IncomingRequest(time.monotonic())
-        self.poller.modify(client, selectors.EVENT_READ,
+        self.incoming[conn] = request = IncomingRequest(time.monotonic(), data)
+        self.buffered_bytes += len(data)
+        self.poller.modify(conn.sock, selectors.EVENT_READ,
                            functools.partial(self.on_request_bytes, conn))
+        return request
 
     def on_request_bytes(self, conn, client):
         request = self.incoming[conn]
@@ -3636,11 +3642,7 @@ class ExporterWorker(ThreadWorker):
         super().finish_request(conn, fs)
         if pipelined and conn in self.keepalived_conns:
             # The next request came with this one: read on from its bytes.
-            self.keepalived_conns.remove(conn)
-            self.incoming[conn] = request = IncomingRequest(time.monotonic(), pipelined)
-            self.buffered_bytes += len(pipelined)
-            self.poller.modify(conn.sock, selectors.EVENT_READ,
-                               functools.partial(self.on_request_bytes, conn))
+            request = self.read_next_request(conn, pipelined)
             try:
                 length = request.whole_length(time.monotonic(), self.wsgi.config.max_body_bytes)
             except RequestRefused as refusal:
