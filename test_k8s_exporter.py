@@ -1423,10 +1423,14 @@ def test_ten_minutes_ahead_is_the_last_millisecond_kept(protocol):
     now_ms = 1_700_000_000_000
     build = rw1_body if protocol == PROTO_RW1 else rw2_body
     table = [(cadvisor(MEMORY, 'ns', 'edge'), [(1, now_ms + 600_000)]),
-             (cadvisor(MEMORY, 'ns', 'past'), [(2, now_ms + 600_001)])]
+             (cadvisor(MEMORY, 'ns', 'past'), [(2, now_ms + 600_001)]),
+             # More than one sample: the full path, which checks each.
+             (cadvisor(MEMORY, 'ns', 'two'), [(3, now_ms + 1), (4, now_ms + 600_000),
+                                              (5, now_ms + 600_001)])]
     decoded = decode_write_request(build(table, compress=False), protocol,
                                    {MEMORY: 0}, 'c', now_ms=now_ms)
-    assert [(sample.pod.pod, sample.value) for sample in decoded.samples] == [('edge', 1.0)]
+    assert [(sample.pod.pod, sample.value) for sample in decoded.samples] == [
+        ('edge', 1.0), ('two', 3.0), ('two', 4.0)]
 
 
 @pytest.mark.parametrize('protocol', [1, 2])
