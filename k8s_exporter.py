@@ -667,20 +667,20 @@ class RemoteWriteDecoder:
                 # A label that is not UTF-8 (or a corrupt series: then this raises too).
                 series = remote_pb2.TimeSeriesLabelBytes.FromString(raw)
                 labels = {_text(label.name): _text(label.value) for label in series.labels}
-                self._take_series(decoded, labels, series.samples, latest_ms, check_utf8=True)
-                read_in_full += 1
-                samples_read_in_full += len(series.samples)
-                continue
+                check_utf8, size_hint = True, None
+            else:
+                labels = series.labels
+                if UnknownFieldSet(series):
+                    # protobuf sets a map entry with fields beyond name and value
+                    # aside as unknown; a Label may carry them. (Exemplars and
+                    # histograms land here too, and take the slow path to no harm.)
+                    labels = {label.name: label.value
+                              for label in remote_pb2.TimeSeries.FromString(raw).labels}
+                check_utf8, size_hint = False, len(raw)
             read_in_full += 1
             samples_read_in_full += len(series.samples)
-            labels = series.labels
-            if UnknownFieldSet(series):
-                # protobuf sets a map entry with fields beyond name and value
-                # aside as unknown; a Label may carry them. (Exemplars and
-                # histograms land here too, and take the slow path to no harm.)
-                labels = {label.name: label.value
-                          for label in remote_pb2.TimeSeries.FromString(raw).labels}
-            self._take_series(decoded, labels, series.samples, latest_ms, size_hint=len(raw))
+            self._take_series(decoded, labels, series.samples, latest_ms, check_utf8,
+                              size_hint=size_hint)
         decoded.kept += kept - future
         decoded.no_pod += no_pod
         decoded.future += future
@@ -775,7 +775,7 @@ class RemoteWriteDecoder:
                 if (texts and not len(refs) % 2 and texts.count('\0') == len(refs) - 1
                         and timestamp):
                     key = KnownSeries.key_of(texts)
-                    kept_series = lookup(key) or self._learn_rw2(key, raw, symbols)
+                    kept_series = lookup(key) or self._learn_rw2(key, refs, symbols)
                     if kept_series:
                         kept += 1
                         if kept_series[0] is None:
@@ -820,10 +820,10 @@ class RemoteWriteDecoder:
         decoded.future += future
         return decoded.counted(len(tally.samples))
 
-    def _learn_rw2(self, key, raw, symbols):
-        """The KeptSeries of a RW 2.0 series, remembered by the key of its
-        label texts; None if the full path must read it."""
-        pairs = iter(remote_pb2.TimeSeriesV2.FromString(raw).labels_refs)
+    def _learn_rw2(self, key, refs, symbols):
+        """The KeptSeries of a RW 2.0 series by its label refs, remembered by
+        the key of its label texts; None if the full path must read it."""
+        pairs = iter(refs)
         labels = {symbols[name]: symbols[value] for name, value in zip(pairs, pairs)}
         kept_series = self._identify(labels)
         if kept_series.__class__ is not KeptSeries:
@@ -1696,26 +1696,28 @@ class Store:
         5,000 pods, 100 ms.
         """
         changed = False
-        since, unrendered = self._unrendered_since, self._unrendered
+        since = self._unrendered_since
         while since and since[0][0] < before:
-            pod = since.popleft()[1]
-            metrics = unrendered.pop(pod, None)
-            if metrics is not None and self._pods.get(pod.key) is pod:
-                changed |= self._render_pod(pod, metrics)
+            changed |= self._render_waiting(since.popleft()[1])
         if before == math.inf:
-            for pod, metrics in unrendered.items():
-                if self._pods.get(pod.key) is pod:
-                    changed |= self._render_pod(pod, metrics)
-            unrendered.clear()
+            for pod in list(self._unrendered):
+                changed |= self._render_waiting(pod)
             since.clear()
         if changed:
             self._version += 1
 
     def _render_pod_now(self, pod):
-        """Render one pod if a write is waiting to be (lock held), for a page."""
-        metrics = self._unrendered.pop(pod, None)
-        if metrics is not None and self._render_pod(pod, metrics):
+        """Render one pod if a write left it waiting (lock held), for a page."""
+        if self._render_waiting(pod):
             self._version += 1
+
+    def _render_waiting(self, pod):
+        """Render what waits of one pod, if it is still held (lock held);
+        return whether the output changed. (A pod rendered for a page keeps
+        its place in _unrendered_since, and is skipped there.)"""
+        metrics = self._unrendered.pop(pod, None)
+        return (metrics is not None and self._pods.get(pod.key) is pod
+                and self._render_pod(pod, metrics))
 
     def _render_pod(self, pod, metrics):
         """Recompute a pod's values for metrics and re-render the lines whose
@@ -1902,10 +1904,13 @@ class Store:
         still held: the value and a newline, b'' for none."""
         with self._lock:
             pods = self._pods
+            outputs = []
             for key in pod_keys:
-                if key in pods:
-                    self._render_pod_now(pods[key])
-            outputs = [(key, pods[key].output) for key in pod_keys if key in pods]
+                pod = pods.get(key)
+                if pod is not None:
+                    self._render_pod_now(pod)
+                    if pods.get(key) is pod:          # not left empty by the render
+                        outputs.append((key, pod.output))
         return {key: tuple(tail[len(output[1]):] for tail in output[OUTPUT_VALUES:])
                 for key, output in outputs}
 
@@ -1914,11 +1919,9 @@ class Store:
         explain its values; None for an unknown pod."""
         with self._lock:
             pod = self._pods.get(pod_key)
-            if pod is None:
-                return None
-            self._render_pod_now(pod)
-            pod = self._pods.get(pod_key)
-            if pod is None:
+            if pod is not None:
+                self._render_pod_now(pod)
+            if pod is None or self._pods.get(pod_key) is not pod:   # or left empty by it
                 return None
             held = {}
             for metric, name in enumerate(self.metric_names):
